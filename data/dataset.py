@@ -1,0 +1,223 @@
+"""Datasets over preprocessed slice arrays and over folders of PNG/JPG image-mask pairs.
+
+Every item is ``(image, mask)``: image float32 (1, S, S) in [0, 1]; mask int64 (S, S) of class indices
+(lesion/lung task: {0, 1}; lung+lesion task: 0 background, 1 lung, 2 lesion).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.transforms import IMAGE_SUFFIXES, InputError, load_image_slice, read_mask, resize_masks
+
+TASKS = ("lesion", "lung", "lung+lesion")
+TASK_CLASSES = {"lesion": 2, "lung": 2, "lung+lesion": 3}  # classes including background
+MASK_SUFFIXES = ("_mask", "-mask", "_seg", "_label")
+
+
+class PairAugment:
+    """Random paired augmentation of (image (H, W), mask (H, W)) tensors; geometry is shared exactly.
+
+    Horizontal flip and a random multiple of 90 degrees (as the seed code does), plus an optional mild
+    intensity jitter (contrast, brightness, gamma) on the image only. Draws from torch's global RNG, which
+    DataLoader seeds per worker, so a seeded run is reproducible.
+    """
+
+    def __init__(self, flip: bool = True, rot90: bool = True, intensity: bool = True):
+        self.flip, self.rot90, self.intensity = flip, rot90, intensity
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = torch.rand(5)
+        if self.flip and r[0] < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        if self.rot90:
+            k = int(r[1] * 4)
+            if k:
+                image, mask = torch.rot90(image, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+        if self.intensity and r[2] < 0.5:
+            contrast, brightness, gamma = 0.85 + 0.3 * r[3], 0.1 * (r[4] - 0.5), 0.8 + 0.4 * torch.rand(1)
+            image = (image.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
+        return image.contiguous(), mask.contiguous()
+
+
+def task_target(lesion: np.ndarray | None, lung: np.ndarray | None, task: str) -> np.ndarray:
+    """Build the class-index target of a task from binary lesion / lung masks (uint8 {0,1})."""
+    if task == "lesion":
+        return lesion
+    if task == "lung":
+        return lung
+    if task == "lung+lesion":
+        # lesion wins where a lesion mask pokes outside the lung mask
+        return np.where(lesion > 0, 2, lung).astype(np.uint8)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+class SliceArrayDataset(Dataset):
+    """Slices of a folder written by ``data.preprocess``, restricted to one split of ``splits.json``.
+
+    The arrays are memory-mapped: nothing is read until an item is asked for, and a set larger than RAM
+    works. Rows come from ``splits.json`` (case ids when split by patient, row indices when by slice).
+
+    Args:
+        root: folder with images.npy, lesion_masks.npy / lung_masks.npy, meta.json, splits.json.
+        split: "train", "val", "test" or None for every row.
+        task: "lesion", "lung" or "lung+lesion".
+        augment: a callable (image, mask) -> (image, mask), e.g. PairAugment(), or None.
+    """
+
+    def __init__(self, root: str | Path, split: str | None = "train", task: str = "lesion", augment=None):
+        root = Path(root)
+        if not (root / "images.npy").is_file() or not (root / "meta.json").is_file():
+            raise InputError(f"{root}: not a preprocessed folder (no images.npy/meta.json); run "
+                             f"`python -m data.preprocess --src VOLUMES --out {root}` first")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.root, self.task, self.augment = root, task, augment
+        self.meta = json.loads((root / "meta.json").read_text())
+        self.preprocessing = self.meta["preprocessing"]
+        self.images = np.load(root / "images.npy", mmap_mode="r")
+        need = {"lesion": ["lesion"], "lung": ["lung"], "lung+lesion": ["lung", "lesion"]}[task]
+        self.masks = {}
+        for kind in need:
+            path = root / f"{kind}_masks.npy"
+            if not path.is_file():
+                raise InputError(f"{root}: task {task!r} needs {kind}_masks.npy, which this folder lacks "
+                                 f"(its volumes had no {kind} masks)")
+            self.masks[kind] = np.load(path, mmap_mode="r")
+        slices = self.meta["slices"]
+        if len(slices) != len(self.images):
+            raise InputError(f"{root}/meta.json lists {len(slices)} slices, images.npy has {len(self.images)}")
+        self.cases = [s["case"] for s in slices]
+        self.rows = self._split_rows(split)
+        if not self.rows:
+            raise InputError(f"{root}: split {split!r} is empty; rerun data.split_data with other fractions")
+
+    def _split_rows(self, split: str | None) -> list[int]:
+        if split is None:
+            return list(range(len(self.images)))
+        path = self.root / "splits.json"
+        if not path.is_file():
+            raise InputError(f"{path} not found; run `python -m data.split_data --data {self.root}` first")
+        splits = json.loads(path.read_text())
+        if split not in splits:
+            raise InputError(f"{path} has no {split!r} split (it has {[k for k in splits if k != 'by']})")
+        if splits.get("by", "patient") == "slice":
+            return sorted(int(r) for r in splits[split])
+        wanted = set(splits[split])
+        unknown = wanted - set(self.cases)
+        if unknown:
+            raise InputError(f"{path}: cases {sorted(unknown)[:3]} are not in {self.root}/meta.json; rerun data.split_data")
+        return [i for i, c in enumerate(self.cases) if c in wanted]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def case_of(self, index: int) -> str:
+        return self.cases[self.rows[index]]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.rows[index]
+        image = torch.from_numpy(np.array(self.images[row], dtype=np.float32))
+        target = task_target(*(np.asarray(self.masks[k][row]) if k in self.masks else None
+                               for k in ("lesion", "lung")), self.task)
+        mask = torch.from_numpy(target.astype(np.int64))
+        if self.augment is not None:
+            image, mask = self.augment(image, mask)
+        return image[None], mask
+
+
+# ----------------------------------------------------------------------------- image-mask pair folders
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def pair_files(image_dir: str | Path, mask_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Pair each image with the mask of the same stem (optionally ending in ``_mask``), any extension.
+
+    Raises InputError for an empty folder or an image without its mask.
+    """
+    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise InputError(f"{d}: folder not found")
+    masks = {}
+    for m in _images_in(mask_dir):
+        stem = m.stem
+        for suffix in MASK_SUFFIXES:
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+        masks[stem] = m
+    images = _images_in(image_dir)
+    if not images:
+        raise InputError(f"{image_dir}: no images ({'/'.join(IMAGE_SUFFIXES)}) found")
+    pairs = []
+    for img in images:
+        if img.stem not in masks:
+            raise InputError(f"{img}: image without its mask (expected {mask_dir / img.stem}.png "
+                             f"or {img.stem}_mask.png)")
+        pairs.append((img, masks[img.stem]))
+    return pairs
+
+
+def find_pair_dirs(root: str | Path, part: str = "train") -> tuple[Path, Path] | None:
+    """The (images, masks) folders of one part of a pair folder, or None when it has no such part.
+
+    Layouts: ``{part}_images/`` + ``{part}_masks/`` (the seed code's), ``{part}/images`` + ``{part}/masks``,
+    and COVID-SemiSeg's ``Imgs/`` + ``GT/`` (directly under root, or under
+    ``TrainingSet/LungInfection-Train/Doctor-label/``), which holds one part only (``part`` is ignored).
+    """
+    root = Path(root)
+    for img, msk in ((f"{part}_images", f"{part}_masks"), (f"{part}/images", f"{part}/masks")):
+        if (root / img).is_dir() and (root / msk).is_dir():
+            return root / img, root / msk
+    for base in (root, root / "TrainingSet" / "LungInfection-Train" / "Doctor-label"):
+        if (base / "Imgs").is_dir() and (base / "GT").is_dir():
+            return base / "Imgs", base / "GT"
+    return None
+
+
+class PairFolderDataset(Dataset):
+    """Image-mask pairs from files: any size and mode in, (1, S, S) float32 / (S, S) int64 {0, 1} out.
+
+    Images go through the same ``load_image_slice`` as inference; masks are binarised by ``read_mask``
+    (0/255, 0/1 and palette label masks alike) and resized with nearest neighbour.
+
+    Args:
+        pairs: list of (image path, mask path), e.g. from :func:`pair_files`.
+        preprocessing: dict with at least ``size`` (see data.transforms.make_preprocessing).
+        augment: a callable (image, mask) -> (image, mask), or None.
+    """
+
+    def __init__(self, pairs: list[tuple[Path, Path]], preprocessing: dict, augment=None):
+        if not pairs:
+            raise InputError("no image-mask pairs given")
+        self.pairs, self.preprocessing, self.augment = list(pairs), preprocessing, augment
+        self.task = "lesion"
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def case_of(self, index: int) -> str:
+        return Path(self.pairs[index][0]).stem
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The un-augmented (image (S, S), mask (S, S) uint8, original (H, W)) of one pair."""
+        img_path, mask_path = self.pairs[index]
+        image, shape = load_image_slice(img_path, self.preprocessing)
+        mask = read_mask(mask_path)
+        if mask.shape != shape:
+            raise InputError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
+                             f"image {Path(img_path).name} is {shape[1]}x{shape[0]}")
+        return image, resize_masks(mask[None], self.preprocessing["size"])[0], shape
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask, _ = self.load(index)
+        mask = mask.long()
+        if self.augment is not None:
+            image, mask = self.augment(image, mask)
+        return image[None], mask

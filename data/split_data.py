@@ -1,0 +1,134 @@
+"""Seeded train/val/test splits, by patient (default) or by slice, written once and reused.
+
+    python -m data.split_data --data data/processed [--val 0.15] [--test 0.15] [--by patient|slice] [--seed 0]
+        -> data/processed/splits.json = {"by": "patient", "seed": 0, "train": [case ids], "val": [...], "test": [...]}
+    python -m data.split_data --pairs FOLDER --out DEST [--val 0.15] [--seed 0]
+        -> copies a folder of image-mask pairs into DEST/train_images, train_masks, val_images, val_masks
+
+Split by patient unless you have a reason not to: ``--by slice`` (the seed code's random 70/15/15 over
+slices) puts neighbouring, nearly identical slices of one patient in both train and test, which inflates
+test scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from data.dataset import find_pair_dirs, pair_files
+from data.transforms import InputError
+
+
+def _counts(n: int, val: float, test: float) -> tuple[int, int]:
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"need 0 <= val, test and val + test < 1, got val={val} test={test}")
+    n_test = int(round(n * test)) if test > 0 else 0
+    n_val = int(round(n * val)) if val > 0 else 0
+    # a non-zero fraction gets at least one item while the training part keeps at least one
+    if test > 0 and n_test == 0 and n - n_val > 1:
+        n_test = 1
+    if val > 0 and n_val == 0 and n - n_test > 1:
+        n_val = 1
+    if n - n_val - n_test < 1:
+        raise InputError(f"{n} items cannot be split into train/val/test with val={val} test={test}")
+    return n_val, n_test
+
+
+def make_splits(cases: list[str], val: float = 0.15, test: float = 0.15, by: str = "patient",
+                seed: int = 0) -> dict:
+    """Split the slices of a preprocessed set, given their case ids in row order.
+
+    Args:
+        cases: case id of every slice row (meta.json ``slices``).
+        by: "patient" -> lists of case ids; "slice" -> lists of row indices.
+    Returns:
+        {"by", "seed", "train", "val", "test"}; sorted lists, disjoint, together covering every item.
+    """
+    if by == "patient":
+        items = sorted(set(cases))
+    elif by == "slice":
+        items = list(range(len(cases)))
+    else:
+        raise ValueError(f"by must be 'patient' or 'slice', got {by!r}")
+    n_val, n_test = _counts(len(items), val, test)
+    order = np.random.default_rng(seed).permutation(len(items))
+    pick = lambda idx: sorted(items[i] for i in idx)  # noqa: E731
+    return {"by": by, "seed": seed, "test": pick(order[:n_test]), "val": pick(order[n_test:n_test + n_val]),
+            "train": pick(order[n_test + n_val:])}
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def split_preprocessed(data: str | Path, val: float = 0.15, test: float = 0.15, by: str = "patient",
+                       seed: int = 0) -> dict:
+    """Write ``data/splits.json`` for a folder made by data.preprocess; returns the splits."""
+    data = Path(data)
+    meta_path = data / "meta.json"
+    if not meta_path.is_file():
+        raise InputError(f"{data}: no meta.json; run `python -m data.preprocess --out {data}` first")
+    cases = [s["case"] for s in json.loads(meta_path.read_text())["slices"]]
+    splits = make_splits(cases, val, test, by, seed)
+    write_json(data / "splits.json", splits)
+    return splits
+
+
+def split_pair_folder(src: str | Path, dest: str | Path, val: float = 0.15, seed: int = 0) -> dict:
+    """Copy a folder of image-mask pairs into DEST/{train,val}_{images,masks} (a seeded split by file)."""
+    dirs = find_pair_dirs(src)
+    if dirs is None:
+        raise InputError(f"{src}: no image-mask pair folders (train_images/ + train_masks/, or Imgs/ + GT/)")
+    pairs = pair_files(*dirs)
+    n_val, _ = _counts(len(pairs), val, 0.0)
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    parts = {"val": [pairs[i] for i in sorted(order[:n_val])], "train": [pairs[i] for i in sorted(order[n_val:])]}
+    dest = Path(dest)
+    for part, items in parts.items():
+        for kind in ("images", "masks"):
+            (dest / f"{part}_{kind}").mkdir(parents=True, exist_ok=True)
+        for img, mask in items:
+            shutil.copy2(img, dest / f"{part}_images" / img.name)
+            shutil.copy2(mask, dest / f"{part}_masks" / f"{img.stem}{mask.suffix}")
+    return {part: [img.name for img, _ in items] for part, items in parts.items()}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/processed", help="preprocessed folder (gets splits.json)")
+    p.add_argument("--pairs", default=None, help="instead: a folder of image-mask pairs to split into --out")
+    p.add_argument("--out", default=None, help="destination folder for --pairs")
+    p.add_argument("--val", type=float, default=0.15)
+    p.add_argument("--test", type=float, default=0.15)
+    p.add_argument("--by", choices=("patient", "slice"), default="patient")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.pairs:
+        if not args.out:
+            raise InputError("--pairs needs --out DEST")
+        parts = split_pair_folder(args.pairs, args.out, args.val, args.seed)
+        print(f"split {args.pairs}: {len(parts['train'])} train / {len(parts['val'])} val pairs -> {args.out}/")
+        return parts
+    splits = split_preprocessed(args.data, args.val, args.test, args.by, args.seed)
+    unit = "patients" if args.by == "patient" else "slices"
+    print(f"wrote {args.data}/splits.json by {args.by}: "
+          + " / ".join(f"{len(splits[k])} {k}" for k in ("train", "val", "test")) + f" {unit}")
+    if args.by == "slice":
+        print("note: a slice-wise split puts neighbouring slices of one patient in several splits (leakage)")
+    return splits
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+    run_cli(main, get_args_parser())

@@ -1,0 +1,204 @@
+"""Evaluate a checkpoint: a table of Dice, IoU, precision, recall, specificity, accuracy, F1 and AUC.
+
+    python evaluate.py --checkpoint checkpoints/best_model.pth --data data/processed --split test
+    python evaluate.py --checkpoint checkpoints/best_model.pth --data FOLDER_OF_PAIRS
+
+Writes OUT/results.json, OUT/per_image.csv and OUT/cases.png (CT / ground truth / prediction for the best
+and worst slices). Pooled figures come from TP/FP/FN/TN summed over the whole set. Per-image and
+per-patient figures are mean +- sd over the images (patients) where the metric is defined: Dice and IoU
+are undefined when the ground truth is empty, so lesion-free slices are reported on their own (how many
+got a false-positive pixel), never counted as 0 or 1. Image-mask pairs are scored at each mask's own
+resolution (the prediction is resized back), preprocessed arrays at the preprocessed size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
+from data.transforms import InputError, read_mask, resize_images
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.helpers import amp_dtype, atomic_write, plot_cases, resolve_device, write_csv
+from utils.inference import inference_model, class_targets, predict
+from utils.metrics import SegmentationMeter, metrics_from_counts
+
+METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy", "f1")
+
+
+def load_eval_dataset(data: str | Path, split: str, ckpt: dict):
+    """The dataset to score: a split of a preprocessed folder, or a folder of pairs (its ``split`` part if any)."""
+    data = Path(data)
+    prep = ckpt["preprocessing"]
+    if (data / "images.npy").is_file():
+        ds = SliceArrayDataset(data, split, ckpt["task"])
+        mine = {k: ds.preprocessing.get(k) for k in ("size", "norm", "window")}
+        theirs = {k: prep.get(k) for k in ("size", "norm", "window")}
+        if mine != theirs:
+            raise InputError(f"{data} was preprocessed with {mine}, the checkpoint was trained on {theirs}; "
+                             f"preprocess the volumes again with the checkpoint's settings")
+        return ds
+    dirs = find_pair_dirs(data, split) or find_pair_dirs(data, "val")
+    if dirs is None:
+        raise InputError(f"{data}: neither a preprocessed folder (images.npy) nor a folder of image-mask pairs "
+                         f"({split}_images/ + {split}_masks/, or Imgs/ + GT/)")
+    if ckpt["task"] != "lesion":
+        raise InputError(f"{data}: image-mask pairs hold lesion masks; this checkpoint predicts {ckpt['task']}")
+    return PairFolderDataset(pair_files(*dirs), prep)
+
+
+def _mean_sd(rows: list[dict], key: str) -> tuple[float, float, int]:
+    vals = np.array([r[key] for r in rows if not math.isnan(r[key])], dtype=np.float64)
+    if len(vals) == 0:
+        return float("nan"), float("nan"), 0
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, int(len(vals))
+
+
+def aggregate(meter: SegmentationMeter) -> dict:
+    """Pooled, per-image and per-patient figures for every metric, plus AUC and the empty-slice rule."""
+    summary = meter.summary()
+    images = meter.per_image()
+    for r in images:
+        r.update(metrics_from_counts(r["tp"], r["fp"], r["fn"], r["tn"]))
+        if r["empty_gt"]:  # undefined overlap on an empty ground truth: reported apart, see module doc
+            r["dice"] = r["iou"] = r["f1"] = r["recall"] = float("nan")
+    result = {"n_images": len(images), "pooled": {k: summary["pooled"][k] for k in METRICS},
+              "per_image": {}, "per_patient": None, "empty_gt": summary["empty_gt"], "auc": summary["auc"]}
+    for k in METRICS:
+        mean, sd, n = _mean_sd(images, k)
+        result["per_image"][k] = {"mean": mean, "sd": sd, "n": n}
+    if summary["per_patient"] is not None:
+        patients = []
+        for case, c in summary["per_patient"]["cases"].items():
+            row = metrics_from_counts(c["tp"], c["fp"], c["fn"], c["tn"])
+            if c["empty_gt"]:
+                row.update(dice=float("nan"), iou=float("nan"), f1=float("nan"), recall=float("nan"))
+            patients.append({"case": case, **row})
+        result["per_patient"] = {k: dict(zip(("mean", "sd", "n"), _mean_sd(patients, k))) for k in METRICS}
+        result["per_patient"]["cases"] = {p["case"]: p["dice"] for p in patients}
+    return result, images
+
+
+def format_table(name: str, res: dict) -> str:
+    """The console table of one structure's results."""
+    cols = ["pooled", "per image (mean ± sd)"] + (["per patient (mean ± sd)"] if res["per_patient"] else [])
+    lines = [f"{name}: {res['n_images']} slices", f"{'metric':<12}" + "".join(f"{c:>26}" for c in cols)]
+    for k in METRICS:
+        cells = [f"{res['pooled'][k]:.4f}"]
+        for part in ("per_image", "per_patient")[: len(cols) - 1]:
+            m = res[part][k]
+            cells.append(f"{m['mean']:.4f} ± {m['sd']:.4f} (n={m['n']})")
+        lines.append(f"{k:<12}" + "".join(f"{c:>26}" for c in cells))
+    lines.append(f"{'auc':<12}{res['auc']:>26.4f}")
+    e = res["empty_gt"]
+    if e["n"]:
+        lines.append(f"lesion-free slices: {e['n']}, {e['n_with_false_positive']} with a false-positive pixel "
+                     f"({e['fraction_clean']:.1%} clean); not in the per-image Dice/IoU")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
+             threshold: float = 0.5, device: str = "auto", amp: str = "auto", batch_size: int = 8,
+             n_figure: int = 3, progress: bool = True) -> dict:
+    """Score a checkpoint on a dataset, write results.json / per_image.csv / cases.png, return the results."""
+    ckpt = load_checkpoint(checkpoint)
+    task = ckpt["task"]
+    dev = resolve_device(device)
+    dtype = amp_dtype(dev, amp)
+    model = inference_model(model_from_checkpoint(ckpt, checkpoint), dev)
+    ds = load_eval_dataset(data, split, ckpt)
+    pairs = isinstance(ds, PairFolderDataset)
+    names = list(class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task))
+    meters = {n: SegmentationMeter() for n in names}
+    main = "lesion" if "lesion" in names else "lung"
+    for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", unit="batch", disable=not progress):
+        idx = list(range(start, min(start + batch_size, len(ds))))
+        if pairs:
+            loaded = [ds.load(i) for i in idx]
+            images = torch.stack([img for img, _, _ in loaded])[:, None]
+        else:
+            items = [ds[i] for i in idx]
+            images, masks = torch.stack([x for x, _ in items]), torch.stack([m for _, m in items])
+        probs = {k: v.float().cpu() for k, v in predict(model, images, task, dev, dtype).items()}
+        cases = [ds.case_of(i) for i in idx]
+        if pairs:  # score at each mask's own resolution
+            for j, i in enumerate(idx):
+                shape = loaded[j][2]
+                prob = resize_images(probs[main][j:j + 1], shape).clamp_(0, 1)
+                target = torch.from_numpy(read_mask(ds.pairs[i][1]))[None]
+                meters[main].update(prob, target, threshold)
+        else:
+            targets = class_targets(masks, task)
+            for n in names:
+                meters[n].update(probs[n], targets[n], threshold, cases)
+
+    results = {"checkpoint": str(checkpoint), "data": str(data), "split": None if pairs else split,
+               "threshold": threshold, "task": task, "structures": {}}
+    per_image_rows = []
+    for n in names:
+        res, images = aggregate(meters[n])
+        results["structures"][n] = res
+        for i, r in enumerate(images):
+            row = {"index": i, "structure": n, "case": ds.case_of(i),
+                   "file": str(ds.pairs[i][0]) if pairs else "", "z": "" if pairs else ds.meta["slices"][ds.rows[i]]["z"]}
+            row.update({k: r[k] for k in ("empty_gt", "tp", "fp", "fn", "tn") + METRICS})
+            per_image_rows.append(row)
+        print(format_table(n, res))
+
+    out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1, default=float))
+    write_csv(per_image_rows, out / "per_image.csv")
+    _figure(model, ds, [r for r in per_image_rows if r["structure"] == main], main, task, dev, dtype,
+            threshold, n_figure, out / "cases.png")
+    print(f"wrote {out}/results.json, per_image.csv, cases.png")
+    return results
+
+
+def _figure(model, ds, rows, main, task, dev, dtype, threshold, n, path) -> None:
+    """CT / ground truth / prediction for the n best and n worst slices with lesion (by Dice)."""
+    scored = sorted((r for r in rows if not r["empty_gt"]), key=lambda r: r["dice"])
+    chosen = scored[-n:][::-1] + [r for r in scored[:n] if r not in scored[-n:]]
+    if not chosen:
+        return
+    imgs, gts, preds, titles = [], [], [], []
+    for r in chosen:
+        image, mask = ds[r["index"]]
+        prob = predict(model, image[None], task, dev, dtype)[main][0].float().cpu()
+        imgs.append(image[0].numpy())
+        gts.append(class_targets(mask[None], task)[main][0].numpy())
+        preds.append((prob > threshold).numpy())
+        titles.append(f"{r['case']}  Dice {r['dice']:.3f}  IoU {r['iou']:.3f}")
+    plot_cases(imgs, gts, preds, titles, path)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="checkpoints/best_model.pth")
+    p.add_argument("--data", default="data/processed", help="preprocessed folder or folder of image-mask pairs")
+    p.add_argument("--split", default="test", help="split of splits.json (or part of a pair folder)")
+    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval-SPLIT)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    return evaluate(args.checkpoint, args.data, args.split, args.out, args.threshold, args.device, args.amp,
+                    args.batch_size, progress=args.progress)
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+    run_cli(main, get_args_parser())

@@ -1,0 +1,259 @@
+"""Train a lesion (or lung) segmentation model on CT slices.
+
+    python train.py                                   # the defaults below
+    python train.py --data data/processed --model deeplabv3 --epochs 30 --device cuda
+
+--data is either a folder written by data.preprocess (+ splits.json from data.split_data), or a folder of
+image-mask pairs: train_images/ + train_masks/ (+ val_images/ + val_masks/), or COVID-SemiSeg's Imgs/ + GT/.
+Writes OUT/best_model.pth (best validation Dice), OUT/last.pth, OUT/history.csv and OUT/curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+# ---- Edit these, then run `python train.py` (each can also be set by the flag named beside it) ----
+DATA = "data/processed"  # --data: preprocessed folder, or a folder of image-mask pairs
+MODEL = "unet"           # --model: unet | deeplabv3
+LOSS = None              # --loss: bce | dice | bce_dice | ce | ce_dice (None: bce_dice for unet, ce_dice for deeplabv3)
+EPOCHS = 50              # --epochs
+BATCH_SIZE = 8           # --batch-size
+LR = 1e-3                # --lr (Adam, with warm-up and cosine decay)
+OUT = "checkpoints"      # --out: best_model.pth, last.pth, history.csv, curves.png
+# ----------------------------------------------------------------------------------------------------
+
+from data.dataset import (TASK_CLASSES, TASKS, PairAugment, PairFolderDataset, SliceArrayDataset,  # noqa: E402
+                          find_pair_dirs, pair_files)
+from data.transforms import InputError, make_preprocessing  # noqa: E402
+from models import MODEL_NAMES, build_model  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from utils.helpers import (amp_dtype, autocast, plot_curves, resolve_device, seed_everything,  # noqa: E402
+                           write_csv)
+from utils.inference import class_probs, class_targets  # noqa: E402
+from utils.losses import LOSSES, get_loss  # noqa: E402
+from utils.metrics import SegmentationMeter  # noqa: E402
+
+
+def default_loss(model: str, task: str) -> str:
+    return "bce_dice" if (model == "unet" and task != "lung+lesion") else "ce_dice"
+
+
+def output_channels(loss: str, task: str) -> int:
+    """One sigmoid channel for bce losses (and dice on a two-class task), else one channel per class."""
+    if loss in ("bce", "bce_dice") or (loss == "dice" and TASK_CLASSES[task] == 2):
+        if TASK_CLASSES[task] > 2:
+            raise InputError(f"--loss {loss} is binary; task {task!r} has {TASK_CLASSES[task]} classes: use ce or ce_dice")
+        return 1
+    return TASK_CLASSES[task]
+
+
+def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, seed: int, augment: bool):
+    """Training and validation datasets from either data kind, and the preprocessing record they share."""
+    data = Path(data)
+    aug = PairAugment() if augment else None
+    if (data / "images.npy").is_file():
+        train = SliceArrayDataset(data, "train", task, aug)
+        return train, SliceArrayDataset(data, "val", task), train.preprocessing, "arrays"
+    if find_pair_dirs(data, "train") is None:
+        raise InputError(f"{data}: no training data. Make the synthetic default with `make demo`, or run "
+                         f"`python -m data.synthetic --out data/synthetic && python -m data.preprocess "
+                         f"--src data/synthetic --out {data} && python -m data.split_data --data {data}`; "
+                         f"or point --data at a folder of image-mask pairs (train_images/ + train_masks/, Imgs/ + GT/)")
+    if task != "lesion":
+        raise InputError(f"{data}: image-mask pair folders hold lesion masks only; --task {task} needs preprocessed volumes")
+    prep = make_preprocessing(size, "minmax")
+    train_dirs, val_dirs = find_pair_dirs(data, "train"), find_pair_dirs(data, "val")
+    train_pairs = pair_files(*train_dirs)
+    if val_dirs is not None and val_dirs != train_dirs:
+        val_pairs = pair_files(*val_dirs)
+    else:  # one folder of pairs: hold out a seeded fraction of the files for validation
+        order = np.random.default_rng(seed).permutation(len(train_pairs))
+        n_val = max(1, round(val_fraction * len(train_pairs)))
+        if len(train_pairs) - n_val < 1:
+            raise InputError(f"{train_dirs[0]}: {len(train_pairs)} pair(s) are too few to hold out a validation part")
+        val_pairs = [train_pairs[i] for i in sorted(order[:n_val])]
+        train_pairs = [train_pairs[i] for i in sorted(order[n_val:])]
+    return (PairFolderDataset(train_pairs, prep, aug), PairFolderDataset(val_pairs, prep), prep, "pairs")
+
+
+def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int):
+    """Per-iteration LR schedule: linear warm-up then cosine decay to zero, or constant."""
+    if name == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def validate(model, loader, criterion, task: str, device, dtype, threshold: float = 0.5,
+             fmt=torch.contiguous_format) -> dict:
+    """Loss and pooled metrics over a whole loader (counts accumulated over the set, not batch means)."""
+    model.eval()
+    meters = {name: SegmentationMeter() for name in class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task)}
+    total, n = torch.zeros((), device=device), 0
+    for images, masks in loader:
+        images = images.to(device, non_blocking=True, memory_format=fmt)
+        masks = masks.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(images)
+        total += criterion(logits, masks) * len(images)
+        n += len(images)
+        probs, targets = class_probs(logits, task), class_targets(masks, task)
+        for name, meter in meters.items():
+            meter.update(probs[name], targets[name], threshold)
+    main = "lesion" if "lesion" in meters else "lung"
+    pooled = {name: m.pooled() for name, m in meters.items()}
+    result = {"loss": float(total) / max(n, 1), "dice": pooled[main]["dice"], "iou": pooled[main]["iou"]}
+    if len(meters) > 1:
+        result.update({f"{name}_dice": p["dice"] for name, p in pooled.items()})
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DATA, help="preprocessed folder or folder of image-mask pairs")
+    p.add_argument("--model", default=MODEL, choices=MODEL_NAMES)
+    p.add_argument("--loss", default=LOSS, choices=sorted(LOSSES), help="default: bce_dice (unet), ce_dice (deeplabv3)")
+    p.add_argument("--task", default="lesion", choices=TASKS, help="what to segment (lung+lesion: 3 classes)")
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--sched", default="cosine", choices=("cosine", "none"), help="per-step cosine with warm-up, or constant")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--width", type=int, default=32, help="U-Net base width (32: ~7.8M parameters)")
+    p.add_argument("--aux", action="store_true", help="DeepLabV3 auxiliary head (loss weight 0.4)")
+    p.add_argument("--backbone-weights", default=None, help="DeepLabV3: ResNet-50 state dict to start from")
+    p.add_argument("--size", type=int, default=256, help="input side for image-mask pair folders")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="pair folders without a val part: held-out share")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="turn off flips/rotations/intensity jitter")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision: auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout (with bf16: ~3.7x faster U-Net training on an AVX-512 CPU)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 4 on CUDA)")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (e.g. OUT/last.pth)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    seed_everything(args.seed, args.deterministic)
+    device = resolve_device(args.device)
+    dtype = amp_dtype(device, args.amp)
+    loss_name = args.loss or default_loss(args.model, args.task)
+    num_classes = output_channels(loss_name, args.task)
+    train_set, val_set, prep, data_kind = build_datasets(args.data, args.task, args.size, args.val_fraction,
+                                                         args.seed, args.augment)
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    gen = torch.Generator()
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, drop_last=len(train_set) > args.batch_size,
+                              num_workers=workers, generator=gen, pin_memory=device.type == "cuda",
+                              persistent_workers=workers > 0)
+    val_loader = DataLoader(val_set, args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+
+    model_kwargs = {"width": args.width} if args.model == "unet" else {"aux": args.aux}
+    model = build_model(args.model, in_channels=1, num_classes=num_classes, **model_kwargs)
+    if args.backbone_weights:
+        if args.model != "deeplabv3":
+            raise InputError("--backbone-weights applies to --model deeplabv3 only")
+        from models.deeplabv3 import load_backbone_weights
+        load_backbone_weights(model, args.backbone_weights)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=fmt)
+    criterion = get_loss(loss_name, num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps = len(train_loader)
+    scheduler = make_scheduler(optimizer, args.sched, args.epochs * steps, int(args.warmup_epochs * steps))
+    # loss scaling is needed for fp16 only; bf16 has fp32's range
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start_epoch, best, history = 0, -math.inf, []
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["model_config"]["name"] != args.model or ckpt["num_classes"] != num_classes:
+            raise InputError(f"{args.resume}: holds {ckpt['model_config']['name']} with {ckpt['num_classes']} "
+                             f"output channel(s); asked for {args.model} with {num_classes}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt["history"]
+        print(f"resumed from {args.resume} at epoch {start_epoch + 1}/{args.epochs}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model} ({n_params / 1e6:.2f}M parameters, {num_classes} output channel(s), loss {loss_name}) on "
+          f"{device}{' with ' + str(dtype).replace('torch.', '') + ' autocast' if dtype else ''}: "
+          f"{len(train_set)} train / {len(val_set)} val slices")
+    state = {"model_config": {"name": args.model, **model.config}, "num_classes": num_classes, "task": args.task,
+             "loss": loss_name, "preprocessing": prep, "data_kind": data_kind,
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+    for epoch in range(start_epoch, args.epochs):
+        # reseeding per epoch makes shuffling and augmentation independent of where a run was resumed
+        gen.manual_seed(args.seed * 100003 + epoch)
+        torch.manual_seed(args.seed * 100003 + epoch)
+        model.train()
+        t0, running, seen = time.time(), torch.zeros((), device=device), 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not args.progress)
+        for images, masks in bar:
+            images = images.to(device, non_blocking=True, memory_format=fmt)
+            masks = masks.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                outputs = model(images)
+            loss = criterion(outputs, masks)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            running += loss.detach() * len(images)  # stays on the device: no sync per step
+            seen += len(images)
+        train_loss = float(running) / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise RuntimeError(f"training loss became {train_loss} in epoch {epoch + 1}; stopped without saving "
+                               f"these weights (the last good checkpoint in {out}/ is intact). Try a lower --lr or --amp off.")
+        val = validate(model, val_loader, criterion, args.task, device, dtype, fmt=fmt)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
+               "val_iou": val["iou"], **{f"val_{k}": v for k, v in val.items() if k.endswith("_dice")},
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+        history.append(row)
+        print(f"Epoch {epoch + 1}/{args.epochs}\ntrain_loss: {train_loss:.4f} | val_loss: {val['loss']:.4f} | "
+              f"val_dice: {val['dice']:.4f} | val_iou: {val['iou']:.4f}  ({row['seconds']:.0f}s)", flush=True)
+        # a validation set without lesion has no Dice (nan): it ranks below any number, never above
+        improved = (-1.0 if math.isnan(val["dice"]) else val["dice"]) > best
+        best = (-1.0 if math.isnan(val["dice"]) else val["dice"]) if improved else best
+        ckpt = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "metrics": {k: float(v) for k, v in val.items()}, "best_dice": best, "history": history}
+        save_checkpoint(ckpt, out / "last.pth")
+        if improved:
+            save_checkpoint(ckpt, out / "best_model.pth")
+        write_csv(history, out / "history.csv")
+        plot_curves(history, out / "curves.png")
+    print(f"best val Dice {best:.4f}; checkpoints in {out}/ (best_model.pth, last.pth), history.csv, curves.png")
+    return {"best_dice": best, "history": history}
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+    run_cli(main, get_args_parser())

@@ -1,0 +1,54 @@
+"""From logits to per-structure probabilities, shared by validation, evaluate.py and infer.py."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from utils.helpers import autocast
+
+TASK_OUTPUTS = {"lesion": ("lesion",), "lung": ("lung",), "lung+lesion": ("lung", "lesion")}
+
+
+def class_probs(logits: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+    """Foreground probabilities of each structure a task predicts.
+
+    Shape: logits (N, C, H, W) -> {name: (N, H, W) float32}. One channel is a sigmoid output; C >= 2 a
+    softmax one. For lung+lesion (0 background, 1 lung, 2 lesion) the lung is classes 1 and 2 together,
+    since lesions lie inside the lungs.
+    """
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        (name,) = TASK_OUTPUTS[task]
+        return {name: torch.sigmoid(logits[:, 0])}
+    p = torch.softmax(logits, dim=1)
+    if task == "lung+lesion":
+        return {"lung": p[:, 1:].sum(1), "lesion": p[:, 2]}
+    (name,) = TASK_OUTPUTS[task]
+    return {name: p[:, 1:].sum(1)}
+
+
+def class_targets(target: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+    """Binary ground truth of each structure, matching :func:`class_probs`. Shape: (N, H, W) -> {name: (N, H, W) bool}."""
+    if task == "lung+lesion":
+        return {"lung": target >= 1, "lesion": target == 2}
+    (name,) = TASK_OUTPUTS[task]
+    return {name: target >= 1}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, task: str, device: torch.device,
+            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Run the model in eval mode on a batch (N, 1, H, W) and return :func:`class_probs` on ``device``.
+
+    The batch goes in channels_last (NHWC), the layout inference models are kept in (see
+    :func:`inference_model`); the layout changes speed only, never the result.
+    """
+    model.eval()
+    with autocast(device, dtype):
+        logits = model(images.to(device, non_blocking=True, memory_format=torch.channels_last))
+    return class_probs(logits, task)
+
+
+def inference_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to ``device`` in eval mode and channels_last layout (several times faster with bf16 on CPU)."""
+    return model.to(device, memory_format=torch.channels_last).eval()

@@ -1,0 +1,148 @@
+"""Segmentation losses: pure functions on logits.
+
+Shapes everywhere: logits (N, C, H, W) (any float dtype; computed in float32), target (N, H, W) integer
+class indices. C = 1 is a binary (sigmoid) head with target in {0, 1}; C >= 2 is softmax with class 0 =
+background. Target values are not range-checked here (that would be a GPU sync per step).
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+# Laplace smoothing of the soft Dice ratio; keeps it defined when prediction and ground truth are empty.
+DICE_SMOOTH = 1.0
+# Weight of each auxiliary / deep-supervision output relative to the main one (torchvision's reference value).
+AUX_WEIGHT = 0.4
+
+
+def _check(logits: Tensor, target: Tensor) -> None:
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"logits are {tuple(logits.shape)} and target is {tuple(target.shape)}; "
+            "expected logits (N, C, H, W) and target (N, H, W) of class indices"
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
+def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy on a single-channel head, mean over pixels.
+
+    Shape: logits (N, 1, H, W), target (N, H, W) in {0, 1}. Returns a scalar.
+    """
+    _check(logits, target)
+    if logits.shape[1] != 1:
+        raise ValueError(
+            f"bce needs 1 output channel, logits have {logits.shape[1]}; use ce or ce_dice for C channels"
+        )
+    return F.binary_cross_entropy_with_logits(logits[:, 0].float(), target.float())
+
+
+def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Multi-class cross-entropy, mean over pixels.
+
+    Shape: logits (N, C, H, W) with C >= 2, target (N, H, W) in [0, C). Returns a scalar.
+    """
+    _check(logits, target)
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"ce needs >= 2 output channels, logits have {logits.shape[1]}; use bce or bce_dice for 1 channel"
+        )
+    return F.cross_entropy(logits.float(), target.long())
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH) -> Tensor:
+    """Soft Dice loss over foreground classes, pooled over the whole batch.
+
+    Per foreground class k, with p the predicted probability and g the one-hot ground truth summed over
+    (N, H, W): `1 - (2 * sum(p * g) + smooth) / (sum(p) + sum(g) + smooth)`; the loss is the mean over
+    k. C = 1: p = sigmoid(logits), foreground = target 1. C >= 2: p = softmax(logits), foreground classes
+    1..C-1 (background is not scored).
+
+    Empty-mask rule: if a class is absent from the whole batch's ground truth, its term is
+    `1 - smooth / (sum(p) + smooth)`: 0 only when nothing is predicted, and its gradient is weak, so Dice
+    alone barely punishes false positives on lesion-free slices. Pair it with BCE/CE (`bce_dice`, `ce_dice`).
+
+    Shape: logits (N, C, H, W), target (N, H, W). Returns a scalar in [0, 1].
+    """
+    _check(logits, target)
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    if num_classes == 1:
+        probs = torch.sigmoid(logits)
+        truth = target.unsqueeze(1).float()
+    else:
+        probs = logits.softmax(dim=1)[:, 1:]
+        # Comparing with arange instead of F.one_hot avoids one_hot's range check (a GPU sync).
+        classes = torch.arange(1, num_classes, device=target.device).view(1, -1, 1, 1)
+        truth = (target.unsqueeze(1) == classes).float()
+    dims = (0, 2, 3)
+    intersection = (probs * truth).sum(dims)
+    total = probs.sum(dims) + truth.sum(dims)
+    dice = (2 * intersection + smooth) / (total + smooth)
+    return 1 - dice.mean()
+
+
+def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """`bce_loss + dice_loss` (1:1). Shape: logits (N, 1, H, W), target (N, H, W). Returns a scalar."""
+    return bce_loss(logits, target) + dice_loss(logits, target)
+
+
+def ce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """`ce_loss + dice_loss` (1:1). Shape: logits (N, C, H, W) with C >= 2, target (N, H, W). Returns a scalar."""
+    return ce_loss(logits, target) + dice_loss(logits, target)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "bce": bce_loss,
+    "dice": dice_loss,
+    "bce_dice": bce_dice_loss,
+    "ce": ce_loss,
+    "ce_dice": ce_dice_loss,
+}
+_SINGLE_CHANNEL = ("bce", "bce_dice")
+_MULTI_CHANNEL = ("ce", "ce_dice")
+
+
+def get_loss(name: str, num_classes: int) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
+    """Return `loss(outputs, target)` for the named loss, checked against the model's output channels.
+
+    Args:
+        name: one of `LOSSES`.
+        num_classes: the model's output channels; bce/bce_dice need 1, ce/ce_dice need >= 2, dice takes any.
+
+    Returns:
+        A callable taking `outputs` = logits (N, C, H, W) or a list `[main, aux, ...]` of them (auxiliary or
+        deep-supervision heads) and target (N, H, W); it returns
+        `loss(main) + AUX_WEIGHT * sum(loss(aux_i))`.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {tuple(LOSSES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if name in _SINGLE_CHANNEL and num_classes != 1:
+        raise ValueError(f"loss {name!r} needs a 1-channel model, got num_classes={num_classes}; use 'ce' or 'ce_dice'")
+    if name in _MULTI_CHANNEL and num_classes < 2:
+        raise ValueError(f"loss {name!r} needs num_classes >= 2, got {num_classes}; use 'bce' or 'bce_dice'")
+    fn = LOSSES[name]
+
+    def single(logits: Tensor, target: Tensor) -> Tensor:
+        if logits.ndim != 4 or logits.shape[1] != num_classes:
+            raise ValueError(f"loss {name!r} was set up for {num_classes} channels, logits are {tuple(logits.shape)}")
+        return fn(logits, target)
+
+    def loss(outputs: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
+        if isinstance(outputs, Tensor):
+            return single(outputs, target)
+        if not isinstance(outputs, (list, tuple)) or not outputs:
+            raise TypeError(
+                f"outputs must be a tensor or a non-empty list [main, aux, ...], got {type(outputs).__name__}"
+            )
+        total = single(outputs[0], target)
+        for aux in outputs[1:]:
+            total = total + AUX_WEIGHT * single(aux, target)
+        return total
+
+    return loss
