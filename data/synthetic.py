@@ -27,6 +27,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -34,12 +35,13 @@ from tqdm import tqdm
 
 DEFAULT_OUT = "data/synthetic"  # where `python -m data.synthetic` writes; data/preprocess.py reads it
 DEFAULT_PATIENTS = 12
-DEFAULT_SHAPE = (256, 256, 32)  # ~2 M voxels a patient: the default set takes a few seconds
+DEFAULT_SHAPE = (256, 256, 32)  # ~2 M voxels, ~1 s a patient on one CPU core
 SUBFOLDERS = ("images", "lung_masks", "lesion_masks")
 
 HU_MIN, HU_MAX = -1024, 3071  # the 12-bit range most scanners store
 LESION_FREE_PROB = 0.25  # share of patients without any lesion
 MAX_BURDEN = 0.40  # largest lesion fraction of the lung volume
+N_TRUNKS = 16  # vessel trunks per lung, each a tree of 2**8 - 1 segments
 
 
 # ----------------------------------------------------------------------------- small numeric tools
@@ -58,7 +60,7 @@ def _gaussian_blur(a: np.ndarray, sigma: tuple) -> np.ndarray:
         n = out.shape[axis]
         acc = np.zeros_like(out)
         for k, wk in enumerate(w):
-            acc += wk * np.take(padded, np.arange(k, k + n), axis=axis)
+            acc += wk * padded[(slice(None),) * axis + (slice(k, k + n),)]  # a view, no copy
         out = acc
     return out
 
@@ -79,18 +81,19 @@ def _upsample_linear(a: np.ndarray, shape: tuple, factors: tuple) -> np.ndarray:
 def _smooth_noise(rng: np.random.Generator, shape: tuple, sigma: tuple) -> np.ndarray:
     """Gaussian random field with unit standard deviation and correlation length `sigma` voxels.
 
-    Filtered in Fourier space on a grid coarser by up to sigma/2 per axis, then interpolated:
-    the field is smooth at that scale anyway and the FFT of the full grid would cost ~10x more.
+    Filtered in Fourier space on a grid coarser by int(sigma) per axis, then linearly interpolated:
+    the field hardly varies within one sigma, and the FFT of the full grid costs up to 10x more.
     """
-    factors = tuple(max(1, int(s / 2)) for s in sigma)
+    factors = tuple(max(1, int(s)) for s in sigma)
     coarse = tuple(int(np.ceil(n / f)) + 2 for n, f in zip(shape, factors))
-    white = rng.standard_normal(coarse)
+    white = rng.standard_normal(coarse, dtype=np.float32)
     freqs = np.meshgrid(*[np.fft.fftfreq(n) for n in coarse[:-1]], np.fft.rfftfreq(coarse[-1]),
                         indexing="ij", sparse=True)
     gain = np.ones(())
     for fr, s, f in zip(freqs, sigma, factors):
         gain = gain * np.exp(-2 * (np.pi * fr * s / f) ** 2)
-    field = np.fft.irfftn(np.fft.rfftn(white) * gain, s=coarse)
+    axes = tuple(range(len(coarse)))
+    field = np.fft.irfftn(np.fft.rfftn(white, axes=axes) * gain, s=coarse, axes=axes)
     field = (field - field.mean()) / (field.std() + 1e-12)
     return _upsample_linear(field.astype(np.float32), shape, factors)
 
@@ -104,6 +107,10 @@ def _ellipse_sd(x, y, cx, cy, a, b, angle=0.0, power=2.0):
     if np.any(angle != 0):
         c, s = np.cos(angle), np.sin(angle)
         dx, dy = c * dx + s * dy, -s * dx + c * dy
+    if power == 2.0:  # the common case, without the slow fractional powers
+        r = np.sqrt((dx / a) ** 2 + (dy / b) ** 2)
+        grad = np.sqrt((dx / a**2) ** 2 + (dy / b**2) ** 2) / np.maximum(r, 1e-6)
+        return (r - 1) / np.maximum(grad, 1e-6)
     ax, ay = np.abs(dx) / a, np.abs(dy) / b
     r = (ax**power + ay**power) ** (1 / power)
     # first-order distance (r - 1) / |grad r|: exact on the boundary and good enough near it
@@ -122,54 +129,73 @@ def _branching_tree(rng, root, targets, depth):
     """Random bifurcating tree of straight segments from `root` towards each of `targets` (mm).
 
     Aiming the trunks at points inside the lung makes the tree fill the lung rather than leave it.
+    Built one generation at a time, vectorized over the branches of that generation.
 
     Returns:
         (p0, p1, r0, r1, generation) arrays with one row per segment, in millimetres.
     """
-    rows = []
-    root = np.asarray(root, float)
-    stack = []
-    for target in targets:
-        d = target - root
-        dist = np.linalg.norm(d) + 1e-9
-        stack.append((root, d / dist, 0.3 * dist, rng.uniform(3.5, 5.0), 0))
-    while stack:
-        p, d, seg_len, r, gen = stack.pop()
-        q = p + d * seg_len
-        rows.append((*p, *q, r, r * 0.9, gen))
+    start = np.broadcast_to(np.asarray(root, float), targets.shape)
+    d = targets - start
+    dist = np.linalg.norm(d, axis=1, keepdims=True) + 1e-9
+    p, d, seg_len = start, d / dist, 0.3 * dist[:, 0]
+    r = rng.uniform(2.5, 4.0, len(targets))
+    out = []
+    for gen in range(depth + 1):
+        q = p + d * seg_len[:, None]
+        out.append((p, q, r, 0.9 * r, np.full(len(p), gen)))
         if gen == depth:
-            continue
-        perp = np.cross(d, rng.standard_normal(3))
-        perp /= np.linalg.norm(perp) + 1e-12
-        for sign in (-1.0, 1.0):
-            ang = np.deg2rad(rng.uniform(15, 40))
-            child = np.cos(ang) * d + sign * np.sin(ang) * perp
-            stack.append((q, child / np.linalg.norm(child), seg_len * rng.uniform(0.72, 0.88),
-                          r * rng.uniform(0.74, 0.82), gen + 1))
-    t = np.array(rows)
-    return t[:, 0:3], t[:, 3:6], t[:, 6], t[:, 7], t[:, 8].astype(int)
+            break
+        # two children per branch, each turned 15-40 degrees in a random plane through the parent
+        perp = np.cross(d, rng.standard_normal(d.shape))
+        perp /= np.linalg.norm(perp, axis=1, keepdims=True) + 1e-12
+        ang = np.deg2rad(rng.uniform(15, 40, (2, len(p))))[..., None]
+        children = np.concatenate([np.cos(ang[0]) * d - np.sin(ang[0]) * perp,
+                                   np.cos(ang[1]) * d + np.sin(ang[1]) * perp])
+        d = children / np.linalg.norm(children, axis=1, keepdims=True)
+        p = np.concatenate([q, q])
+        seg_len = np.concatenate([seg_len, seg_len]) * rng.uniform(0.72, 0.88, 2 * len(seg_len))
+        r = np.concatenate([r, r]) * rng.uniform(0.74, 0.82, 2 * len(r))
+    return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
-def _tube_occupancy(p0, p1, r0, r1, grid, keep):
+class _Grid(NamedTuple):
+    """Voxel grid in anatomical millimetres: x to the patient's left, y posterior, z superior."""
+
+    x: np.ndarray  # (X, 1, 1) voxel centres
+    y: np.ndarray  # (1, Y, 1)
+    z: np.ndarray  # (1, 1, Z), 0 at the carina
+    px: float  # in-plane voxel size
+    pz: float  # slice distance
+    shape: tuple
+
+    def to_index(self, p: np.ndarray) -> np.ndarray:
+        """(N, 3) points in mm -> (N, 3) fractional voxel indices."""
+        origin = np.array([self.x[0, 0, 0], self.y[0, 0, 0], self.z[0, 0, 0]])
+        return (p - origin) / np.array([self.px, self.px, self.pz])
+
+
+def _tube_occupancy(p0, p1, r0, r1, grid: _Grid, keep: np.ndarray) -> np.ndarray:
     """Partial-volume occupancy in [0, 1] of tubes p0->p1 (radius r0->r1, mm) on the voxel grid.
 
-    Each tube is sampled as spheres every half voxel, each sphere splatted into its bounding box:
-    the cost grows with the vessel length, not with the volume.
+    Each tube is sampled as spheres every 0.7 voxel, each sphere splatted into its bounding box:
+    the cost grows with the vessel length, not with the volume. Only spheres centred in `keep`
+    are drawn.
     """
-    px, pz, shape, to_index = grid["px"], grid["pz"], grid["shape"], grid["to_index"]
+    px, pz, shape = grid.px, grid.pz, grid.shape
     occ = np.zeros(int(np.prod(shape)), np.float32)
     if len(p0) == 0:
         return occ.reshape(shape)
     seg_len = np.linalg.norm(p1 - p0, axis=1)
-    counts = np.maximum(2, np.ceil(seg_len / (0.5 * px)).astype(int) + 1)
+    counts = np.maximum(2, np.ceil(seg_len / (0.7 * px)).astype(int) + 1)
     seg = np.repeat(np.arange(len(p0)), counts)
-    frac = np.concatenate([np.linspace(0, 1, c) for c in counts])
+    first = np.cumsum(counts) - counts
+    frac = (np.arange(len(seg)) - first[seg]) / (counts[seg] - 1)
     pts = p0[seg] + (p1 - p0)[seg] * frac[:, None]
     rad = r0[seg] + (r1 - r0)[seg] * frac
-    idx = to_index(pts)  # fractional voxel indices (N, 3)
+    idx = grid.to_index(pts)
     near = np.rint(idx).astype(int)
     inside = np.all((near >= 0) & (near < np.array(shape)), axis=1)
-    inside[inside] = keep[tuple(near[inside].T)]  # only spheres centred in the lung are drawn
+    inside[inside] = keep[tuple(near[inside].T)]
     idx, rad = idx[inside], rad[inside]
     bxy = np.ceil(rad / px + 1).astype(int)
     bz = np.ceil((rad + pz / 2) / pz).astype(int)
@@ -221,6 +247,8 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
         "lesion" (X, Y, Z) uint8 (1 ground-glass opacity, 2 consolidation, only inside the lung),
         "affine" (4, 4) float64 RAS+ voxel-to-world, "spacing" (sx, sy, sz) in mm.
     """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be np.random.default_rng(...), got {type(rng).__name__}")
     nx, ny, nz = _check_shape(shape)
     u = rng.uniform
 
@@ -241,6 +269,7 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     y = ((np.arange(ny) - (ny - 1) / 2) * px).astype(np.float32).reshape(1, -1, 1)  # + = posterior
     z = (z_mid + (np.arange(nz) - (nz - 1) / 2) * pz).astype(np.float32).reshape(1, 1, -1)
     full = (nx, ny, nz)
+    grid = _Grid(x, y, z, px, pz, full)
 
     # --- tissue values in HU, per patient
     hu_air = -1000.0
@@ -252,8 +281,8 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     hu_cortical, hu_marrow = u(700, 1100), u(180, 320)
     # the real chest CT in ../shared/data/real-ct measures about -770 HU in front and -620 at
     # the back of the lung: the dependent lung is denser (gravity, patient supine)
-    hu_lung_front = u(-830, -770)
-    hu_lung_gradient = u(100, 170)
+    hu_lung_front = u(-840, -760)
+    hu_lung_gradient = u(110, 180)
     hu_ggo, hu_cons = u(-600, -420), u(-40, 40)
     noise_sd = u(12, 22)
     psf_sigma = u(0.6, 1.0)  # in voxels
@@ -264,19 +293,25 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     d_body = np.maximum(_ellipse_sd(x, y, 0.0, yb, half_w, half_ap, power=2.4), y - back)
     fat = u(6, 28) * k
     fat_t = fat * (0.7 + 0.6 * (x / half_w) ** 2)  # thicker on the flanks
-    # muscle + ribs; the back muscles beside the spine are much thicker
-    near_spine = np.exp(-((x / (55 * k)) ** 2)) * _smoothstep((y - yb) / half_ap)
-    wall_t = (14 + 8 * _smoothstep((y - yb) / half_ap) + 40 * near_spine) * k
+    # spine: the vertebral body sits 7-9 cm in front of the skin of the back
+    r_vert = 17 * k
+    y_vert = back - 0.7 * fat - 72 * k
+    y_canal = y_vert + r_vert + 9 * k
+    # chest wall (muscle + ribs) is thin, but behind the vertebral body the back muscles fill the
+    # space on both sides of the spine; the lungs reach far back lateral to them
+    paraspinal = np.exp(-((x / (42 * k)) ** 4)) * _smoothstep((y - y_vert + 5 * k) / (30 * k))
+    wall_t = (14 + 8 * _smoothstep((y - yb) / half_ap) + 60 * paraspinal) * k
     d_cavity = d_body + fat_t + wall_t
 
-    # thoracic cavity along the midline (for placing organs)
+    # thoracic cavity extents (for placing organs and the lung density gradient)
     cav_front = yb - half_ap + 0.7 * fat + 14 * k
-    cav_back = back - 0.7 * fat - 62 * k
+    cav_back = back - 0.7 * fat - 22 * k
     cav_half_w = half_w - 1.3 * fat - 14 * k
     cav_mid = (cav_front + cav_back) / 2
     cav_half_ap = (cav_back - cav_front) / 2
 
-    img = np.full(full, hu_air, np.float32)
+    # z-invariant structures are painted on one (X, Y, 1) slice; the first z-dependent one broadcasts
+    img = np.full((nx, ny, 1), hu_air, np.float32)
 
     # patient table: thin carbon-fibre skins around foam, just below the back
     table_top, table_h = back + u(2, 10), 14 * k
@@ -291,19 +326,6 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     plane = d_body + fat_t + 0.4 * wall_t
     img = np.where((plane < 0) & (plane > -2.5 * k), hu_fat + 20, img)
 
-    # --- ribs: cross-sections along a band in the chest wall, drifting round the chest with z
-    phi = np.arctan2(x, -(y - yb))  # 0 anterior, +-pi posterior, + patient left
-    rib_band = d_body + fat_t + 0.72 * wall_t
-    rib_pitch = np.deg2rad(u(19, 24))
-    phase = np.where(x > 0, u(0, 1), u(0, 1))
-    t = (np.abs(phi) - 0.2 * np.pi) / rib_pitch - z / (26 * k) + phase
-    arc = (t - np.round(t)) * rib_pitch * (half_w + half_ap) / 2  # mm along the band
-    rib_r = (arc / (7 * k)) ** 2 + (rib_band / (4.5 * k)) ** 2
-    rib_zone = (np.abs(phi) > 0.16 * np.pi) & (np.abs(phi) < 0.88 * np.pi)
-    cartilage = rib_zone & (np.abs(phi) < 0.3 * np.pi)
-    img = np.where(rib_zone & (rib_r < 1), np.where(cartilage, 110.0, hu_cortical), img)
-    img = np.where(rib_zone & ~cartilage & (rib_r < 0.4), hu_marrow, img)
-
     # --- thoracic cavity: mediastinal fat in the middle, diaphragm/liver where the lungs end
     img = np.where(d_cavity < 0, np.where(np.abs(x) < 0.4 * cav_half_w, hu_fat + 10, hu_muscle + 5), img)
 
@@ -312,15 +334,35 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     img = np.where(ster < 0, hu_cortical, img)
     img = np.where(ster < -1.5 * k, hu_marrow, img)
 
-    # spine: vertebral body protruding into the back of the cavity
-    r_vert = 17 * k
-    y_vert = cav_back - 0.1 * r_vert
-    y_canal = y_vert + r_vert + 9 * k
+    # vertebra: cortical shell, cancellous core, canal, laminae, spinous and transverse processes
+    d_vert = np.sqrt(x**2 + (y - y_vert) ** 2) - r_vert
+    lamina = _ellipse_sd(x, y, 0.0, y_canal + 2 * k, 16 * k, 12 * k)
+    spinous = (np.abs(x) < 4 * k) & (y > y_canal) & (y < y_canal + 34 * k)
+    transverse = ((np.abs(y - y_canal - 0.25 * np.abs(x)) < 4.5 * k)
+                  & (np.abs(x) < 32 * k) & (np.abs(x) > 10 * k))
+    img = np.where((lamina < 0) | spinous | transverse, 0.8 * hu_cortical, img)
+    img = np.where((lamina < -3 * k) & ~spinous, hu_marrow, img)
+    img = np.where(d_vert < 0, hu_cortical, img)
+    img = np.where(d_vert < -2 * k, hu_marrow, img)
+    img = np.where((x**2 + (y - y_canal) ** 2) < (8 * k) ** 2, 15.0, img)  # spinal canal
+
+    # --- ribs: cross-sections along a band in the chest wall, drifting round the chest with z
+    phi = np.arctan2(x, -(y - yb))  # 0 anterior, +-pi posterior, + patient left
+    rib_band = d_body + fat_t + 0.72 * wall_t
+    rib_pitch = np.deg2rad(u(19, 24))
+    phase = np.where(x > 0, u(0, 1), u(0, 1))
+    t = (np.abs(phi) - 0.2 * np.pi) / rib_pitch - z / (26 * k) + phase
+    arc = (t - np.round(t)) * rib_pitch * (half_w + half_ap) / 2  # mm along the band
+    rib_r = (arc / (7 * k)) ** 2 + (rib_band / (4 * k)) ** 2
+    rib_zone = (np.abs(phi) > 0.16 * np.pi) & (np.abs(phi) < 0.88 * np.pi)
+    cartilage = rib_zone & (np.abs(phi) < 0.3 * np.pi)
+    img = np.where(rib_zone & (rib_r < 1), np.where(cartilage, 110.0, hu_cortical), img)
+    img = np.where(rib_zone & ~cartilage & (rib_r < 0.4), hu_marrow, img)
 
     # heart (lower part of the volume) and great vessels (upper part)
     z_heart = u(-45, -25)
     heart_size = _smoothstep((z_heart - z) / 35.0)
-    hx, hy = 0.2 * cav_half_w, cav_mid - 0.22 * cav_half_ap
+    hx, hy = 0.2 * cav_half_w, cav_front + 48 * k
     d_heart = _ellipse_sd(x, y, hx, hy, np.maximum(56 * k * heart_size, 1e-3),
                           np.maximum(42 * k * heart_size, 1e-3), np.deg2rad(-35))
     d_heart = np.where(heart_size > 0.05, d_heart, 99.0)
@@ -330,11 +372,11 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     img = np.where(d_heart <= -12 * k, hu_blood, img)
 
     gv_size = _smoothstep((z - z_heart + 15) / 20.0)  # great vessels take over above the heart
-    y_asc = cav_mid - 0.4 * cav_half_ap
+    y_asc = cav_front + 36 * k
     d_asc = np.sqrt((x + 5 * k) ** 2 + (y - y_asc) ** 2) - 14 * k * gv_size
     d_pa = np.sqrt((x - 24 * k) ** 2 + (y - y_asc + 2 * k) ** 2) - 12 * k * gv_size * (z < 5)
     d_svc = np.sqrt((x + 28 * k) ** 2 + (y - y_asc - 6 * k) ** 2) - 9 * k * gv_size
-    x_desc, y_desc = r_vert + 6 * k, y_vert - 0.7 * r_vert
+    x_desc, y_desc = r_vert + 10 * k, y_vert - 0.7 * r_vert  # just clear of the vertebra
     z_arch = u(15, 30)
     arch = _smoothstep((z - z_arch + 6) / 6.0) * (z < z_arch + 14)
     d_arch = _ellipse_sd(x, y, (x_desc - 5 * k) / 2, (y_desc + y_asc) / 2,
@@ -348,7 +390,7 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     # esophagus; trachea above the carina (z = 0), main bronchi from it to the hila below
     y_tr = y_vert - r_vert - 22 * k
     img = np.where((x + 4 * k) ** 2 + (y - y_vert + r_vert + 8 * k) ** 2 < (7 * k) ** 2, hu_muscle - 5, img)
-    hilum_x, hilum_y, hilum_z = 0.42 * cav_half_w, cav_mid + 0.05 * cav_half_ap, u(-30, -20)
+    hilum_x, hilum_y, hilum_z = 0.42 * cav_half_w, y_vert - r_vert - 12 * k, u(-30, -20)
     along = np.clip(z / hilum_z, 0, 1)  # 0 at and above the carina, 1 at the hilum
     airway_d = np.full(full, 99.0, np.float32)
     for side in (-1.0, 1.0):
@@ -358,17 +400,6 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     airway_d = np.where(z > hilum_z, airway_d, 99.0)
     img = np.where(airway_d < 2 * k, hu_muscle, img)  # wall
     img = np.where(airway_d < 0, hu_air + 10, img)
-
-    # vertebra: cortical shell, cancellous core, canal, laminae, spinous and transverse processes
-    d_vert = np.sqrt(x**2 + (y - y_vert) ** 2) - r_vert
-    lamina = _ellipse_sd(x, y, 0.0, y_canal + 2 * k, 16 * k, 12 * k)
-    spinous = (np.abs(x) < 4 * k) & (y > y_canal) & (y < y_canal + 34 * k)
-    transverse = (np.abs(y - y_canal - 0.25 * np.abs(x)) < 4.5 * k) & (np.abs(x) < 32 * k) & (np.abs(x) > 10 * k)
-    img = np.where((lamina < 0) | spinous | transverse, 0.8 * hu_cortical, img)
-    img = np.where((lamina < -3 * k) & ~spinous, hu_marrow, img)
-    img = np.where(d_vert < 0, hu_cortical, img)
-    img = np.where(d_vert < -2 * k, hu_marrow, img)
-    img = np.where((x**2 + (y - y_canal) ** 2) < (8 * k) ** 2, 15.0, img)  # spinal canal
 
     # --- lungs: cavity minus mediastinum, tapered towards apex and base, irregular outline
     d_med = functools.reduce(np.minimum, [
@@ -384,98 +415,145 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
         env = _ellipse_sd(x, y, side * 0.55 * cav_half_w, cav_mid + 0.1 * cav_half_ap,
                           np.maximum(0.62 * cav_half_w * taper, 1e-3),
                           np.maximum(1.25 * cav_half_ap * taper, 1e-3))
-        d_lung = functools.reduce(np.maximum, [d_cavity + 2.0 * k, env, 3.0 * k - d_med]) + wobble
+        # the costal surface follows the rib cage smoothly; the mediastinal side is irregular
+        d_lung = np.maximum(d_cavity + 2.0 * k, np.maximum(env, 3.0 * k - d_med) + wobble)
         lung[(d_lung < 0) & (side * x > 0) & (taper > 0.05)] = label
     in_lung = lung > 0
 
     # parenchyma: denser towards the back, fine texture
     depth = np.clip((y - cav_front) / (cav_back - cav_front), 0, 1)
-    texture = _smooth_noise(rng, full, (2.5 / px, 2.5 / px, 2.5 / pz))
+    texture = _smooth_noise(rng, full, (3 / px, 3 / px, 3 / pz))
     lung_hu = hu_lung_front + hu_lung_gradient * depth + 15.0 * texture
 
-    # --- lesions: patchy, mostly subpleural and posterior, over a limited z-range
-    lesion = np.zeros(full, np.uint8)
-    if u() >= LESION_FREE_PROB and in_lung.any():
-        burden = float(np.exp(u(np.log(0.005), np.log(MAX_BURDEN))))
-        span = max(u(0.3, 0.9), min(1.0, burden / 0.6))  # keep the lesion slab below ~60% involved
-        n_span = max(1, int(round(span * nz)))
-        first = int(rng.integers(0, nz - n_span + 1))
-        window = np.zeros((1, 1, nz), bool)
-        window[..., first:first + n_span] = True
-        candidates = in_lung & window
-        if candidates.any():
-            subpleural = _gaussian_blur(in_lung.astype(np.float32), (8 / px, 8 / px, 0)) < 0.85
-            weight = (candidates & subpleural) * (0.3 + depth) ** 2
-            if weight.sum() == 0:
-                weight = candidates.astype(np.float32)
-            n_centres = 1 + int(rng.poisson(2 + 25 * burden))
-            centres = rng.choice(weight.size, size=n_centres, p=(weight / weight.sum()).ravel())
-            ci, cj, ck = np.unravel_index(centres, full)
-            env = np.zeros(full, np.float32)
-            for i0, j0, k0 in zip(ci, cj, ck):
-                radius = u(10, 35) * k
-                env += u(0.5, 1.0) * np.exp(-0.5 * ((x - x[i0, 0, 0]) ** 2 + (y - y[0, j0, 0]) ** 2
-                                                    + ((z - z[0, 0, k0]) / 0.8) ** 2) / radius**2)
-            patchy = np.exp(0.7 * _smooth_noise(rng, full, (7 / px, 7 / px, 7 / pz)) + 0.25 * texture)
-            field = env * patchy * candidates
-            target = burden * in_lung.sum()
-            tau = float(np.quantile(field[candidates], max(0.0, 1 - target / candidates.sum())))
-            tau = max(tau, 1e-6)
-            lesion[field >= tau] = 1
-            # hazy edges: the HU ramps over +-10% of the threshold around the mask boundary
-            a_ggo = np.clip((field / tau - 1) / 0.2 + 0.5, 0, 1)
-            lung_hu = lung_hu + a_ggo * (hu_ggo + 25.0 * texture - lung_hu)
-            if lesion.any() and u() < 0.7:  # most patients have consolidation in GGO cores
-                tau_c = float(np.quantile(field[lesion > 0], 1 - u(0.1, 0.5)))
-                lesion[field >= tau_c] = 2
-                a_cons = np.clip((field / tau_c - 1) / 0.2 + 0.5, 0, 1)
-                lung_hu = lung_hu + a_cons * (hu_cons + 15.0 * texture - lung_hu)
-
-    # --- pulmonary vessels and bronchi: a bifurcating tree from each hilum, drawn inside the lungs
-    def to_index(p):
-        return np.stack([p[:, 0] / px + (nx - 1) / 2, p[:, 1] / px + (ny - 1) / 2,
-                         (p[:, 2] - z_mid) / pz + (nz - 1) / 2], axis=1)
-
-    grid = {"px": px, "pz": pz, "shape": full, "to_index": to_index}
-    segs = []
-    for label, side, base in ((1, 1.0, base_l), (2, -1.0, base_r)):
-        li, lj, _ = np.nonzero(lung == label)
-        if len(li) == 0:
-            continue
-        pick = rng.integers(0, len(li), size=12)
-        targets = np.stack([x.ravel()[li[pick]], y.ravel()[lj[pick]], u(base + 20, apex - 20, 12)], axis=1)
-        segs.append(_branching_tree(rng, (side * hilum_x, hilum_y, hilum_z), targets, depth=6))
-    if segs:
-        p0, p1, r0, r1, gen = (np.concatenate(parts) for parts in zip(*segs))
-        vessels = _tube_occupancy(p0, p1, r0, r1, grid, in_lung)
-        # bronchi run beside the larger arteries: wall, then lumen
-        big = gen <= 1
-        side_vec = np.cross(p1[big] - p0[big], np.array([0.0, 0.0, 1.0]))
-        side_vec /= np.linalg.norm(side_vec, axis=1, keepdims=True) + 1e-9
-        b0, b1 = p0[big] + side_vec * (1.8 * r0[big])[:, None], p1[big] + side_vec * (1.8 * r1[big])[:, None]
-        rb0, rb1 = 0.7 * r0[big], 0.7 * r1[big]
-        wall = _tube_occupancy(b0, b1, rb0 + 1.0 * k, rb1 + 1.0 * k, grid, in_lung)
-        lumen = _tube_occupancy(b0, b1, rb0, rb1, grid, in_lung)
-        lung_hu = lung_hu + vessels * (0.5 * hu_blood + 20 - lung_hu)
-        lung_hu = lung_hu + wall * (hu_muscle - 20 - lung_hu)
-        lung_hu = lung_hu + lumen * (hu_air + 20 - lung_hu)
+    # --- lesions, then vessels and bronchi, which stay visible through ground glass
+    lesion, a_ggo, a_cons = _draw_lesions(rng, grid, in_lung, depth, texture, k)
+    lung_hu = lung_hu + a_ggo * (hu_ggo + 25.0 * texture - lung_hu)
+    lung_hu = lung_hu + a_cons * (hu_cons + 15.0 * texture - lung_hu)
+    vessels, wall, lumen = _draw_airways_and_vessels(
+        rng, grid, lung, (hilum_x, hilum_y, hilum_z), ((1, base_l, apex), (2, base_r, apex)), k)
+    lung_hu = lung_hu + vessels * (0.5 * hu_blood + 20 - lung_hu)
+    lung_hu = lung_hu + wall * (hu_muscle - 20 - lung_hu)
+    lung_hu = lung_hu + lumen * (hu_air + 20 - lung_hu)
     img = np.where(in_lung, lung_hu, img)
 
-    # --- scanner: blur, correlated noise, circular field of view, 12-bit range
-    img = _gaussian_blur(img, (psf_sigma, psf_sigma, 0))
-    noise = _gaussian_blur(rng.standard_normal(full, dtype=np.float32), (0.6, 0.6, 0))
-    img = img + noise * (noise_sd / noise.std())
-    ci, cj = np.arange(nx) - (nx - 1) / 2, np.arange(ny) - (ny - 1) / 2
-    in_fov = (ci[:, None] ** 2 + cj[None, :] ** 2) <= (min(nx, ny) / 2) ** 2
-    img = np.where(in_fov[:, :, None], img, HU_MIN)
-    image = np.clip(np.rint(img), HU_MIN, HU_MAX).astype(np.int16)
-
-    lesion[~in_lung] = 0
+    image = _scan(rng, img, psf_sigma, noise_sd)
     affine = np.diag([-sx, -sx, sz, 1.0])
     # DICOM-like placement: world origin near the image centre; table height and couch position vary
     affine[:3, 3] = [(nx - 1) / 2 * sx, (ny - 1) / 2 * sx + u(-20, 20), u(-350, -100)]
     return {"image": image, "lung": lung, "lesion": lesion, "affine": affine,
             "spacing": (float(sx), float(sx), float(sz))}
+
+
+def _draw_lesions(rng, grid: _Grid, in_lung, depth, texture, k):
+    """Patchy lesions, mostly subpleural and posterior, over a limited z-range.
+
+    Returns:
+        lesion (X, Y, Z) uint8 mask (1 GGO, 2 consolidation) and the GGO and consolidation
+        occupancies in [0, 1], which ramp up over +-10% of the mask threshold: hazy edges.
+    """
+    u, (nx, ny, nz) = rng.uniform, grid.shape
+    x, y, z = grid.x, grid.y, grid.z
+    lesion = np.zeros(grid.shape, np.uint8)
+    a_ggo = a_cons = np.zeros((1, 1, 1), np.float32)
+    if u() < LESION_FREE_PROB or not in_lung.any():
+        return lesion, a_ggo, a_cons
+    burden = MAX_BURDEN * u(0.1, 1.0) ** 2  # 0.4% to 40% of the lung, median ~12%
+    span = max(u(0.4, 1.0), min(1.0, burden / 0.6))  # keep the lesion slab below ~60% involved
+    n_span = max(1, int(round(span * nz)))
+    first = int(rng.integers(0, nz - n_span + 1))
+    window = np.zeros((1, 1, nz), bool)
+    window[..., first:first + n_span] = True
+    candidates = in_lung & window
+    if not candidates.any():
+        return lesion, a_ggo, a_cons
+
+    # centres: random lung voxels, preferred where the costal pleura (lateral, front or back, not
+    # the mediastinal side) is within ~10 mm, and in the dependent lung
+    ci, cj, ck = np.nonzero(candidates)
+    pick = rng.integers(0, len(ci), size=2000)
+    ci, cj, ck = ci[pick], cj[pick], ck[pick]
+    outward = np.where(ci > (nx - 1) / 2, 1, -1)  # away from the mediastinum
+    reach = 10 / grid.px
+    near = np.zeros(len(ci), bool)
+    for di, dj in ((1, 0), (0.7, 0.7), (0.7, -0.7), (0, 1), (0, -1)):
+        ii = np.clip(ci + np.rint(outward * di * reach).astype(int), 0, nx - 1)
+        jj = np.clip(cj + int(round(dj * reach)), 0, ny - 1)
+        near |= ~in_lung[ii, jj, ck]
+    weight = (0.05 + near) * (0.3 + depth[0, cj, 0]) ** 2
+    n_centres = 1 + int(rng.poisson(2 + 25 * burden))
+    chosen = rng.choice(len(ci), size=n_centres, p=weight / weight.sum())
+
+    # smooth blobs around the centres, broken up by noise, thresholded to the drawn burden
+    env = np.zeros(grid.shape, np.float32)
+    for i0, j0, k0 in zip(ci[chosen], cj[chosen], ck[chosen]):
+        radius = u(10, 35) * k
+        env += u(0.5, 1.0) * np.exp(-0.5 * ((x - x[i0, 0, 0]) ** 2 + (y - y[0, j0, 0]) ** 2
+                                            + ((z - z[0, 0, k0]) / 0.8) ** 2) / radius**2)
+    patchy = np.exp(0.7 * _smooth_noise(rng, grid.shape, (7 / grid.px, 7 / grid.px, 7 / grid.pz))
+                    + 0.25 * texture)
+    field = env * patchy * candidates
+    target = burden * in_lung.sum()
+    tau = max(float(np.quantile(field[candidates], max(0.0, 1 - target / candidates.sum()))), 1e-6)
+    lesion[field >= tau] = 1
+    a_ggo = np.clip((field / tau - 1) / 0.2 + 0.7, 0, 1)
+    if lesion.any() and u() < 0.7:  # most patients have consolidation in GGO cores
+        tau_c = float(np.quantile(field[lesion > 0], 1 - u(0.1, 0.5)))
+        lesion[field >= tau_c] = 2
+        a_cons = np.clip((field / tau_c - 1) / 0.2 + 0.7, 0, 1)
+    return lesion, a_ggo, a_cons
+
+
+def _draw_airways_and_vessels(rng, grid: _Grid, lung, hilum, lungs, k):
+    """Pulmonary vessels and bronchi: a bifurcating tree from each hilum, drawn inside the lungs.
+
+    Args:
+        hilum: (x, y, z) mm of the left hilum; the right one is mirrored.
+        lungs: (label, base z, apex z) per lung; label 1 is on +x.
+
+    Returns:
+        Occupancies in [0, 1] of vessels, bronchial walls and bronchial lumens.
+    """
+    u = rng.uniform
+    in_lung = lung > 0
+    segs = []
+    for label, base, apex in lungs:
+        side = 1.0 if label == 1 else -1.0
+        li, lj, _ = np.nonzero(lung == label)
+        if len(li) == 0:
+            continue
+        # trunks aim at random points of this lung, at any height between base and apex
+        pick = rng.integers(0, len(li), size=N_TRUNKS)
+        targets = np.stack([grid.x.ravel()[li[pick]], grid.y.ravel()[lj[pick]],
+                            u(base + 20, apex - 20, N_TRUNKS)], axis=1)
+        root = (side * hilum[0], hilum[1], hilum[2])
+        segs.append(_branching_tree(rng, root, targets, depth=7))
+    if not segs:
+        empty = np.zeros((1, 1, 1), np.float32)
+        return empty, empty, empty
+    p0, p1, r0, r1, gen = (np.concatenate(parts) for parts in zip(*segs))
+    vessels = _tube_occupancy(p0, p1, r0, r1, grid, in_lung)
+    # bronchi run beside some of the larger arteries
+    big = (gen <= 1) & (rng.random(len(gen)) < 0.4)
+    side_vec = np.cross(p1[big] - p0[big], np.array([0.0, 0.0, 1.0]))
+    side_vec /= np.linalg.norm(side_vec, axis=1, keepdims=True) + 1e-9
+    b0 = p0[big] + side_vec * (1.8 * r0[big])[:, None]
+    b1 = p1[big] + side_vec * (1.8 * r1[big])[:, None]
+    rb0, rb1 = 0.7 * r0[big], 0.7 * r1[big]
+    wall = _tube_occupancy(b0, b1, rb0 + 1.0 * k, rb1 + 1.0 * k, grid, in_lung)
+    lumen = _tube_occupancy(b0, b1, rb0, rb1, grid, in_lung)
+    return vessels, wall, lumen
+
+
+def _scan(rng, img, psf_sigma, noise_sd) -> np.ndarray:
+    """Scanner model: in-plane blur, correlated noise, circular field of view, 12-bit range -> int16."""
+    nx, ny, _ = img.shape
+    img = _gaussian_blur(img, (psf_sigma, psf_sigma, 0))
+    noise = _gaussian_blur(rng.standard_normal(img.shape, dtype=np.float32), (0.6, 0.6, 0))
+    img = img + noise * (noise_sd / noise.std())
+    ci, cj = np.arange(nx) - (nx - 1) / 2, np.arange(ny) - (ny - 1) / 2
+    in_fov = (ci[:, None] ** 2 + cj[None, :] ** 2) <= (min(nx, ny) / 2) ** 2
+    img = np.where(in_fov[:, :, None], img, HU_MIN)
+    return np.clip(np.rint(img), HU_MIN, HU_MAX).astype(np.int16)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -487,7 +565,8 @@ def _nifti_gz_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     img.set_qform(affine, code=1)  # 1 = scanner coordinates
     img.set_sform(affine, code=1)
     buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
+    # level 1: CT noise barely compresses, and it is 3x faster than level 6 for 2% more bytes
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=1) as gz:
         gz.write(img.to_bytes())
     return buf.getvalue()
 
@@ -498,6 +577,7 @@ def _write_atomic(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; these are shared data files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -549,6 +629,7 @@ def generate_dataset(out_dir, patients: int, seed: int, shape: tuple | None = No
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options; the defaults write the demo dataset to data/synthetic/."""
     p = argparse.ArgumentParser(description="Write synthetic chest-CT phantoms with lung and lesion masks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (images/, lung_masks/, lesion_masks/)")
@@ -560,6 +641,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[str]:
+    """Write the phantoms described by `args` and print where they went; returns the file names."""
     names = generate_dataset(args.out, args.patients, args.seed, tuple(args.shape), progress=True)
     x, y, z = args.shape
     print(f"wrote {len(names)} phantoms ({x}x{y}x{z} voxels, seed {args.seed}) to "
