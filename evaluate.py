@@ -84,6 +84,19 @@ def aggregate(meter: SegmentationMeter) -> dict:
     return result, images
 
 
+def finite_or_none(obj):
+    """Undefined figures (nan) become JSON null, so strict JSON readers accept results.json."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def format_table(name: str, res: dict) -> str:
     """The console table of one structure's results."""
     cols = ["pooled", "per image (mean ± sd)"] + (["per patient (mean ± sd)"] if res["per_patient"] else [])
@@ -117,7 +130,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     names = list(class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task))
     meters = {n: SegmentationMeter() for n in names}
     main = "lesion" if "lesion" in names else "lung"
-    for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", unit="batch", disable=None if progress else True):
         idx = list(range(start, min(start + batch_size, len(ds))))
         if pairs:
             loaded = [ds.load(i) for i in idx]
@@ -154,7 +167,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1, default=float))
+        tmp.write_text(json.dumps(finite_or_none(results), indent=1, allow_nan=False))
     write_csv(per_image_rows, out / "per_image.csv")
     _figure(model, ds, [r for r in per_image_rows if r["structure"] == main], main, task, dev, dtype,
             threshold, n_figure, out / "cases.png")

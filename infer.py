@@ -66,10 +66,11 @@ class Predictor:
         slices = to_axial_slices(read_volume_data(img, path, "image"), img.affine)
         probs = self.probs(prepare_slices(slices, self.prep))
         shape = slices.shape[1:]
+        file_shape = nib.load(str(path)).shape  # (X, Y, Z) or (X, Y, Z, 1): the mask keeps the file's own
         masks = {}
         for name, p in probs.items():
             full = torch.cat([resize_images(p[i:i + 64], shape) for i in range(0, len(p), 64)])
-            masks[name] = from_axial_slices((full > threshold).numpy().astype(np.uint8), img.affine)
+            masks[name] = from_axial_slices((full > threshold).numpy().astype(np.uint8), img.affine).reshape(file_shape)
         return img, masks
 
 
@@ -89,6 +90,11 @@ def _image_files(folder: Path) -> list[Path]:
                    and not p.name.startswith("."))
     if not files:
         raise InputError(f"{folder}: no images ({'/'.join(IMAGE_SUFFIXES)}) or NIfTI volumes found")
+    stems = [p.stem for p in files]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:  # masks are named <stem>.png: two inputs with one stem would overwrite each other's mask
+        raise InputError(f"{folder}: several images share the name {clash[0]!r} ({', '.join(p.name for p in files if p.stem == clash[0])}); "
+                         f"masks are named <name>.png, so rename or move one")
     return files
 
 
@@ -111,7 +117,7 @@ def infer(checkpoint: str | Path, input: str | Path, output: str | Path | None =
     if volumes:
         out = Path(output) if output else Path("predictions")
         out.mkdir(parents=True, exist_ok=True)
-        for vol in tqdm(volumes, desc="volumes", disable=not progress or len(volumes) == 1):
+        for vol in tqdm(volumes, desc="volumes", disable=True if (not progress or len(volumes) == 1) else None):
             img, masks = predictor.predict_volume(vol, threshold)
             for name, mask in masks.items():
                 path = out / f"{case_name(vol)}_{name}.nii.gz"
@@ -134,7 +140,7 @@ def infer(checkpoint: str | Path, input: str | Path, output: str | Path | None =
         out_dir = Path(output) if output else Path("predictions")
         (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     for path, image, masks in tqdm(predictor.predict_images(paths, threshold), total=len(paths), desc="infer",
-                                   unit="img", disable=not progress or len(paths) == 1):
+                                   unit="img", disable=True if (not progress or len(paths) == 1) else None):
         mask_path = target if out_dir is None else out_dir / f"{path.stem}.png"
         overlay_path = (mask_path.with_name(mask_path.stem + "_overlay.png") if out_dir is None
                         else out_dir / "overlays" / f"{path.stem}.png")

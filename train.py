@@ -191,9 +191,11 @@ def main(args: argparse.Namespace) -> dict:
     start_epoch, best, history = 0, -math.inf, []
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        if ckpt["model_config"]["name"] != args.model or ckpt["num_classes"] != num_classes:
-            raise InputError(f"{args.resume}: holds {ckpt['model_config']['name']} with {ckpt['num_classes']} "
-                             f"output channel(s); asked for {args.model} with {num_classes}")
+        asked = {"name": args.model, **model.config}
+        if ckpt["model_config"] != asked or ckpt.get("task") != args.task:
+            raise InputError(f"{args.resume}: holds {ckpt['model_config']} for task {ckpt.get('task')!r}; "
+                             f"asked for {asked} for task {args.task!r} (pass the checkpoint's --model/--width/"
+                             f"--aux/--loss/--task)")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -214,7 +216,7 @@ def main(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed * 100003 + epoch)
         model.train()
         t0, running, seen = time.time(), torch.zeros((), device=device), 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not args.progress)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if args.progress else True)
         for images, masks in bar:
             images = images.to(device, non_blocking=True, memory_format=fmt)
             masks = masks.to(device, non_blocking=True)
@@ -250,6 +252,7 @@ def main(args: argparse.Namespace) -> dict:
             save_checkpoint(ckpt, out / "best_model.pth")
         write_csv(history, out / "history.csv")
         plot_curves(history, out / "curves.png")
+    best = best if best >= 0 else float("nan")  # no epoch had lesion in validation: no Dice to report
     print(f"best val Dice {best:.4f}; checkpoints in {out}/ (best_model.pth, last.pth), history.csv, curves.png")
     return {"best_dice": best, "history": history}
 

@@ -106,7 +106,12 @@ class SliceArrayDataset(Dataset):
         if split not in splits:
             raise InputError(f"{path} has no {split!r} split (it has {[k for k in splits if k != 'by']})")
         if splits.get("by", "patient") == "slice":
-            return sorted(int(r) for r in splits[split])
+            rows = sorted(int(r) for r in splits[split])
+            bad = [r for r in rows if not 0 <= r < len(self.images)]
+            if bad:
+                raise InputError(f"{path}: rows {bad[:3]} are outside 0..{len(self.images) - 1} of "
+                                 f"{self.root}/images.npy; rerun data.split_data")
+            return rows
         wanted = set(splits[split])
         unknown = wanted - set(self.cases)
         if unknown:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from data.transforms import (DEFAULT_WINDOW, NORMS, InputError, case_name, is_nifti, load_nifti,
                              make_preprocessing, prepare_slices, read_volume_data, resize_masks,
                              to_axial_slices, voxel_spacing)
+from utils.helpers import replace_dir
 
 # Folder layouts: (image folder, lung-mask folder, lesion-mask folder); masks pair by file name.
 FOLDER_LAYOUTS = {
@@ -119,6 +119,10 @@ def _check_headers(case: Case) -> int:
             mask = load_nifti(path, kind)
             if mask.shape != img.shape:
                 raise InputError(f"{path}: {kind} is {tuple(mask.shape)}, image {case.image.name} is {tuple(img.shape)}")
+            # masks are reoriented with the image's affine: a mask stored in another voxel order would shift
+            if not np.array_equal(nib.io_orientation(mask.affine), nib.io_orientation(img.affine)):
+                raise InputError(f"{path}: {kind} is stored {''.join(nib.aff2axcodes(mask.affine))}, image "
+                                 f"{case.image.name} is {''.join(nib.aff2axcodes(img.affine))}; resample it onto the image")
     # axial slices run along the voxel axis that io_orientation maps to world z (inferior-superior)
     z_axis = int(np.flatnonzero(nib.io_orientation(img.affine)[:, 0] == 2)[0])
     return int(img.shape[z_axis])
@@ -162,15 +166,6 @@ def process_case(case: Case, prep: dict, out: str, start: int, lesion_labels: li
     return entry
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap a finished temporary folder into place, so OUT is never seen half-written."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "window",
                window=DEFAULT_WINDOW, workers: int = 2, lesion_labels: list[int] | None = None,
                progress: bool = True) -> dict:
@@ -196,19 +191,20 @@ def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "w
                 np.lib.format.open_memmap(tmp / f"{kind}_masks.npy", "w+", np.uint8, (total, S, S)).flush()
         jobs = [(c, prep, str(tmp), int(s), lesion_labels) for c, s in zip(cases, starts[:-1])]
         entries = {}
-        bar = tqdm(total=len(cases), desc="preprocess", unit="vol", disable=not progress)
-        if workers <= 1 or len(cases) == 1:
-            for job in jobs:
-                entries[job[0].name] = process_case(*job)
-                bar.update()
-        else:
-            # spawn, not fork: forking a process that has used torch's thread pool can deadlock
-            with ProcessPoolExecutor(min(workers, len(cases)), mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(process_case, *job): job[0].name for job in jobs}
-                for fut in as_completed(futures):
-                    entries[futures[fut]] = fut.result()
+        # None: a bar on a terminal only, and leave=False so an error line never follows half a bar
+        with tqdm(total=len(cases), desc="preprocess", unit="vol", leave=False,
+                  disable=None if progress else True) as bar:
+            if workers <= 1 or len(cases) == 1:
+                for job in jobs:
+                    entries[job[0].name] = process_case(*job)
                     bar.update()
-        bar.close()
+            else:
+                # spawn, not fork: forking a process that has used torch's thread pool can deadlock
+                with ProcessPoolExecutor(min(workers, len(cases)), mp_context=get_context("spawn")) as pool:
+                    futures = {pool.submit(process_case, *job): job[0].name for job in jobs}
+                    for fut in as_completed(futures):
+                        entries[futures[fut]] = fut.result()
+                        bar.update()
         layouts = sorted({c.layout for c in cases})
         meta = {
             "preprocessing": prep,
@@ -223,7 +219,7 @@ def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "w
             "slices": [{"case": c.name, "z": z} for c, n in zip(cases, counts) for z in range(n)],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

@@ -21,6 +21,7 @@ import numpy as np
 
 from data.dataset import find_pair_dirs, pair_files
 from data.transforms import InputError
+from utils.helpers import atomic_write, replace_dir
 
 
 def _counts(n: int, val: float, test: float) -> tuple[int, int]:
@@ -63,9 +64,8 @@ def make_splits(cases: list[str], val: float = 0.15, test: float = 0.15, by: str
 
 def write_json(path: Path, obj) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def split_preprocessed(data: str | Path, val: float = 0.15, test: float = 0.15, by: str = "patient",
@@ -91,12 +91,22 @@ def split_pair_folder(src: str | Path, dest: str | Path, val: float = 0.15, seed
     order = np.random.default_rng(seed).permutation(len(pairs))
     parts = {"val": [pairs[i] for i in sorted(order[:n_val])], "train": [pairs[i] for i in sorted(order[n_val:])]}
     dest = Path(dest)
-    for part, items in parts.items():
-        for kind in ("images", "masks"):
-            (dest / f"{part}_{kind}").mkdir(parents=True, exist_ok=True)
-        for img, mask in items:
-            shutil.copy2(img, dest / f"{part}_images" / img.name)
-            shutil.copy2(mask, dest / f"{part}_masks" / f"{img.stem}{mask.suffix}")
+    if dest.resolve() == Path(src).resolve() or dest.resolve() in Path(src).resolve().parents:
+        raise InputError(f"{dest}: the destination must not be the source folder {src} or contain it")
+    # build the split aside and swap it in: a re-split never leaves an earlier split's files behind
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for part, items in parts.items():
+            for kind in ("images", "masks"):
+                (tmp / f"{part}_{kind}").mkdir(parents=True)
+            for img, mask in items:
+                shutil.copy2(img, tmp / f"{part}_images" / img.name)
+                shutil.copy2(mask, tmp / f"{part}_masks" / f"{img.stem}{mask.suffix}")
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {part: [img.name for img, _ in items] for part, items in parts.items()}
 
 

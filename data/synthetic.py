@@ -615,7 +615,7 @@ def generate_dataset(out_dir, patients: int, seed: int, shape: tuple | None = No
     digits = max(3, len(str(patients - 1)))
     names = [f"phantom_{i:0{digits}d}.nii.gz" for i in range(patients)]
 
-    for i in tqdm(range(patients), desc="phantoms", unit="patient", disable=not progress):
+    for i in tqdm(range(patients), desc="phantoms", unit="patient", disable=None if progress else True):
         p = generate_patient(np.random.default_rng([seed, i]), shape)
         for folder, data in zip(folders, (p["image"], p["lung"], p["lesion"])):
             _write_atomic(folder / names[i], _nifti_gz_bytes(data, p["affine"]))

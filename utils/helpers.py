@@ -5,6 +5,7 @@ import contextlib
 import csv
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,15 @@ def atomic_write(path: str | Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished temporary folder into place at ``out``, so ``out`` is never seen half-written."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:

@@ -1,0 +1,263 @@
+"""End-to-end tests of train.py: tiny CPU runs on synthetic phantoms and on folders of PNG pairs."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from data.transforms import InputError
+from tests.script_fixtures import (SIZE, export_pairs, processed, run_script, run_train,  # noqa: F401
+                                   train_argv, trained)
+from utils.checkpoint import model_from_checkpoint
+from utils.cli import run_cli
+
+EPOCH_LINE = re.compile(r"^train_loss: (\S+) \| val_loss: (\S+) \| val_dice: (\S+) \| val_iou: (\S+)")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def out_channels(ckpt: dict) -> int:
+    """Output channels of the model a checkpoint rebuilds, from a real forward pass."""
+    model = model_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        return model(torch.rand(1, 1, SIZE, SIZE)).shape[1]
+
+
+# ----------------------------------------------------------------------------- the main run
+def test_short_run_lowers_loss_and_writes_outputs(trained):
+    out, history = trained["out"], trained["result"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert [line for line in trained["stdout"].splitlines() if line.startswith("Epoch ")] == \
+        [f"Epoch {i}/6" for i in range(1, 7)]
+    losses = [h["train_loss"] for h in history]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.9 * losses[0], losses
+    for name in ("best_model.pth", "last.pth", "history.csv", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    with Image.open(out / "curves.png") as img:
+        assert img.format == "PNG" and min(img.size) > 100
+
+    rows = read_csv(out / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row, h in zip(rows, history):
+        for key in ("train_loss", "val_loss", "val_dice", "val_iou"):
+            assert float(row[key]) == pytest.approx(h[key], rel=1e-6, nan_ok=True)
+
+    dices = [-1.0 if math.isnan(h["val_dice"]) else h["val_dice"] for h in history]
+    assert trained["result"]["best_dice"] == pytest.approx(max(dices))
+
+
+@pytest.mark.parametrize("name", ["best_model.pth", "last.pth"])
+def test_checkpoints_are_self_describing(trained, processed, name):
+    history = trained["result"]["history"]
+    ckpt = torch.load(trained["out"] / name, weights_only=True)  # plain data and tensors only
+    assert ckpt["model_config"] == {"name": "unet", "in_channels": 1, "num_classes": 1, "width": 8}
+    assert ckpt["num_classes"] == 1 and ckpt["task"] == "lesion" and ckpt["loss"] == "bce_dice"
+    meta_prep = json.loads((processed / "meta.json").read_text())["preprocessing"]
+    assert ckpt["preprocessing"] == meta_prep == {"size": SIZE, "norm": "window", "window": [-1000.0, 400.0]}
+    args = ckpt["args"]
+    assert args["model"] == "unet" and args["epochs"] == 6 and args["lr"] == 0.01 and args["width"] == 8
+    assert args["data"] == str(processed) and args["seed"] == 0 and args["augment"] is False
+
+    # epoch is 0-based; the checkpoint's metrics are that epoch's validation results
+    epoch = ckpt["epoch"]
+    if name == "last.pth":
+        assert epoch == len(history) - 1
+    else:
+        dices = [-1.0 if math.isnan(h["val_dice"]) else h["val_dice"] for h in history]
+        assert epoch == dices.index(max(dices))
+    assert ckpt["metrics"]["dice"] == pytest.approx(history[epoch]["val_dice"], nan_ok=True)
+    assert ckpt["metrics"]["loss"] == pytest.approx(history[epoch]["val_loss"])
+    assert ckpt["history"][-1]["epoch"] == epoch + 1
+
+    assert set(ckpt["optimizer"]) == {"state", "param_groups"} and ckpt["optimizer"]["state"]
+    assert ckpt["scheduler"]["last_epoch"] == (epoch + 1) * 4  # 16 train slices / batch 4 = 4 steps an epoch
+    assert isinstance(ckpt["scaler"], dict)
+
+    model = model_from_checkpoint(ckpt)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    assert out_channels(ckpt) == 1
+
+
+def test_console_prints_one_seed_style_line_per_epoch(processed, tmp_path, capsys):
+    result = run_train(train_argv(processed, tmp_path, epochs=2))
+    lines = capsys.readouterr().out.splitlines()
+    for epoch, h in zip((1, 2), result["history"]):
+        i = lines.index(f"Epoch {epoch}/2")
+        m = EPOCH_LINE.match(lines[i + 1])
+        assert m, lines[i + 1]
+        for text, key in zip(m.groups(), ("train_loss", "val_loss", "val_dice", "val_iou")):
+            assert re.fullmatch(r"\d+\.\d{4}|nan", text), text
+            assert float(text) == pytest.approx(h[key], abs=5e-5, nan_ok=True)
+
+
+# ----------------------------------------------------------------------------- resuming
+def test_resume_continues_at_the_next_epoch(processed, tmp_path, capsys):
+    base = ["--sched", "none", "--lr", "3e-3"]
+    first = run_train(train_argv(processed, tmp_path / "run", *base, epochs=2))
+    capsys.readouterr()
+    resumed = run_train(train_argv(processed, tmp_path / "run", *base, "--resume", str(tmp_path / "run" / "last.pth"),
+                                   epochs=4))
+    out = capsys.readouterr().out
+    assert "resumed" in out
+    assert "Epoch 3/4" in out and "Epoch 4/4" in out
+    assert "Epoch 1/4" not in out and "Epoch 2/4" not in out
+
+    history = resumed["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[:2] == first["history"]
+    assert [int(r["epoch"]) for r in read_csv(tmp_path / "run" / "history.csv")] == [1, 2, 3, 4]
+    last = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert last["epoch"] == 3 and len(last["history"]) == 4
+
+    # a run interrupted after epoch 2 and resumed follows the uninterrupted run (constant LR, reseeded epochs)
+    straight = run_train(train_argv(processed, tmp_path / "straight", *base, epochs=4))
+    for a, b in zip(history, straight["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3), (a, b)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(trained, processed, tmp_path):
+    with pytest.raises(InputError, match=r"holds .*num_classes.: 1.*asked for .*num_classes.: 2"):
+        run_train(train_argv(processed, tmp_path, "--loss", "ce", "--resume", str(trained["out"] / "last.pth")))
+
+
+def test_resume_with_another_width_is_one_clear_line(trained, processed, tmp_path, capsys):
+    # the checkpoint holds a width-8 U-Net; forgetting --width (default 32) must not end in a traceback
+    argv = train_argv(processed, tmp_path, "--resume", str(trained["out"] / "last.pth"), width=32, epochs=8)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, train.get_args_parser(), argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last.pth" in err[0], err[:3]
+
+
+# ----------------------------------------------------------------------------- data kinds
+def test_trains_on_a_folder_of_pairs_in_the_seed_layout(processed, tmp_path, capsys):
+    pairs = tmp_path / "pairs"
+    train_files = export_pairs(processed, "train", pairs, "train_images", "train_masks")
+    val_files = export_pairs(processed, "val", pairs, "val_images", "val_masks")
+    assert len(train_files) == 16 and len(val_files) == 8
+    result = run_train(train_argv(pairs, tmp_path / "out", epochs=1))
+    assert "16 train / 8 val slices" in capsys.readouterr().out
+    assert math.isfinite(result["history"][0]["train_loss"])
+    ckpt = torch.load(tmp_path / "out" / "best_model.pth", weights_only=True)
+    assert ckpt["data_kind"] == "pairs"
+    assert ckpt["preprocessing"]["size"] == SIZE and ckpt["preprocessing"]["norm"] == "minmax"
+
+
+def test_trains_on_a_covid_semiseg_folder_holding_out_validation(processed, tmp_path, capsys):
+    root = tmp_path / "semiseg"
+    files = export_pairs(processed, None, root, "Imgs", "GT", n=8)
+    for png in files:  # COVID-SemiSeg ships JPG images with PNG masks of the same stem
+        with Image.open(png) as img:
+            img.convert("RGB").save(png.with_suffix(".jpg"), quality=95)
+        png.unlink()
+    result = run_train(train_argv(root, tmp_path / "out", "--val-fraction", "0.25", epochs=1))
+    assert "6 train / 2 val slices" in capsys.readouterr().out
+    assert math.isfinite(result["history"][0]["val_loss"])
+    assert (tmp_path / "out" / "best_model.pth").is_file()
+
+
+# ----------------------------------------------------------------------------- losses, tasks, models
+@pytest.mark.parametrize("loss,channels", [("bce", 1), ("dice", 1), ("bce_dice", 1), ("ce", 2), ("ce_dice", 2)])
+def test_each_loss_trains_with_the_right_output_channels(processed, tmp_path, loss, channels):
+    result = run_train(train_argv(processed, tmp_path, "--loss", loss, epochs=1))
+    h = result["history"][0]
+    assert math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]), h
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert ckpt["loss"] == loss and ckpt["num_classes"] == channels
+    assert ckpt["model_config"]["num_classes"] == channels and out_channels(ckpt) == channels
+
+
+def test_lung_and_lesion_task_trains_three_channels(processed, tmp_path):
+    result = run_train(train_argv(processed, tmp_path, "--task", "lung+lesion", epochs=1))
+    h = result["history"][0]
+    assert math.isfinite(h["train_loss"])
+    assert 0.0 <= h["val_lung_dice"] <= 1.0 and "val_lesion_dice" in h
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert ckpt["task"] == "lung+lesion" and ckpt["loss"] == "ce_dice" and ckpt["num_classes"] == 3
+    assert out_channels(ckpt) == 3
+
+
+def test_binary_loss_on_three_classes_is_refused(processed, tmp_path):
+    with pytest.raises(InputError, match="ce or ce_dice"):
+        run_train(train_argv(processed, tmp_path, "--task", "lung+lesion", "--loss", "bce"))
+
+
+def test_deeplabv3_trains(processed, tmp_path, capsys):
+    # DeepLabV3 (39.6M parameters) is slow on CPU: 4 slices of 32x32, one step of batch 2
+    root = tmp_path / "few"
+    export_pairs(processed, "train", root, "Imgs", "GT", n=4)
+    result = run_train(train_argv(root, tmp_path / "out", "--model", "deeplabv3", "--size", "32",
+                                  "--val-fraction", "0.25", epochs=1, batch_size=2))
+    assert "3 train / 1 val slices" in capsys.readouterr().out
+    h = result["history"][0]
+    assert math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"])
+    ckpt = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
+    assert ckpt["model_config"]["name"] == "deeplabv3" and ckpt["loss"] == "ce_dice" and ckpt["num_classes"] == 2
+    model = model_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+
+
+@pytest.mark.parametrize("flags", [["--amp", "off"], ["--no-channels-last"], ["--amp", "off", "--no-channels-last"]])
+def test_precision_and_layout_options_train(processed, tmp_path, capsys, flags):
+    result = run_train(train_argv(processed, tmp_path, *flags, epochs=1))
+    out = capsys.readouterr().out
+    assert math.isfinite(result["history"][0]["train_loss"])
+    if "off" in flags:
+        assert "autocast" not in out.splitlines()[0]
+    args = torch.load(tmp_path / "last.pth", weights_only=True)["args"]
+    assert args["channels_last"] is ("--no-channels-last" not in flags)
+
+
+def test_memory_layout_does_not_change_the_result(processed, tmp_path):
+    runs = [run_train(train_argv(processed, tmp_path / str(i), "--amp", "off", *flags, epochs=1))
+            for i, flags in enumerate(([], ["--no-channels-last"]))]
+    a, b = (r["history"][0] for r in runs)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_data_is_one_clear_line(tmp_path):
+    proc = run_script("train.py", "--data", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out"),
+                      "--device", "cpu", "--no-progress")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "nonexistent" in lines[0]
+    assert "python -m data.preprocess" in lines[0] or "make demo" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_data_folder_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, train.get_args_parser(), train_argv(tmp_path / "empty", tmp_path / "out"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no training data" in err[0] and "run `python" in err[0]
+
+
+def test_preprocessed_folder_without_splits_says_what_to_run(processed, tmp_path, capsys):
+    data = tmp_path / "nosplit"
+    shutil.copytree(processed, data)
+    (data / "splits.json").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, train.get_args_parser(), train_argv(data, tmp_path / "out"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "python -m data.split_data" in err[0]
