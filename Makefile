@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_EPOCHS ?= 6
+DEMO_EPOCHS ?= 8
 
 .PHONY: install demo test clean
 

@@ -2,6 +2,8 @@
 
     python evaluate.py --checkpoint checkpoints/best_model.pth --data data/processed --split test
     python evaluate.py --checkpoint checkpoints/best_model.pth --data FOLDER_OF_PAIRS
+    python evaluate.py --checkpoint CKPT --data data/synthetic --splits data/processed/splits.json --split test
+        (NIfTI volumes with masks: per-patient 3D Dice of lesion and lung, infection-percentage error)
 
 Writes OUT/results.json, OUT/per_image.csv and OUT/cases.png (CT / ground truth / prediction for the best
 and worst slices). Pooled figures come from TP/FP/FN/TN summed over the whole set. Per-image and
@@ -22,11 +24,13 @@ import torch
 from tqdm import tqdm
 
 from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
-from data.transforms import InputError, read_mask, resize_images
+from data.transforms import (InputError, is_nifti, load_nifti, read_mask, read_volume_data, resize_images,
+                             to_axial_slices, voxel_spacing)
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.helpers import amp_dtype, atomic_write, plot_cases, resolve_device, write_csv
 from utils.inference import inference_model, class_targets, predict
 from utils.metrics import SegmentationMeter, metrics_from_counts
+from utils.volumes import dice_3d, volume_report
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy", "f1")
 
@@ -192,12 +196,94 @@ def _figure(model, ds, rows, main, task, dev, dtype, threshold, n, path) -> None
     plot_cases(imgs, gts, preds, titles, path)
 
 
+def _read_truth(path: Path, affine, kind: str) -> np.ndarray:
+    """A ground-truth mask volume in display orientation, labels kept (uint8)."""
+    data = read_volume_data(load_nifti(path, kind), path, kind)
+    return to_axial_slices(np.rint(data).astype(np.uint8), affine)
+
+
+def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path | None = None,
+                     threshold: float = 0.5, device: str = "auto", amp: str = "auto", batch_size: int = 8,
+                     splits: str | Path | None = None, split: str = "test", progress: bool = True) -> dict:
+    """Score a checkpoint on whole NIfTI volumes with ground truth: per-patient 3D Dice of lesion and lung,
+    and the absolute error of the infection percentage, at the scans' own resolution.
+
+    Args:
+        data: a folder of volumes in a layout data.preprocess reads, with lesion (and lung) masks.
+        splits: optional splits.json (by patient) restricting the cases to its ``split`` part.
+    """
+    from data.preprocess import find_cases
+    from infer import Predictor
+
+    cases = find_cases(data)
+    if cases[0].lesion is None:
+        raise InputError(f"{data}: these volumes have no lesion masks to evaluate against")
+    if splits:
+        chosen = json.loads(Path(splits).read_text()).get(split)
+        if chosen is None:
+            raise InputError(f"{splits}: no {split!r} split")
+        cases = [c for c in cases if c.name in set(chosen)]
+        if not cases:
+            raise InputError(f"{splits}: none of the {split!r} cases are volumes in {data}")
+    predictor = Predictor(checkpoint, device, amp, batch_size)
+    rows = []
+    for case in tqdm(cases, desc="volumes", unit="vol", disable=None if progress else True):
+        img, _, masks = predictor.predict_volume(case.image, threshold)
+        lesion = _read_truth(case.lesion, img.affine, "lesion mask") > 0
+        lung = _read_truth(case.lung, img.affine, "lung mask") if case.lung is not None else None
+        spacing = voxel_spacing(img)
+        truth = volume_report(lesion, lung, spacing)
+        pred = volume_report(masks.get("lesion"), masks.get("lung"), spacing)
+        row = {"case": case.name, "lesion_dice_3d": dice_3d(masks["lesion"], lesion) if "lesion" in masks else None,
+               "lung_dice_3d": dice_3d(masks["lung"], lung) if ("lung" in masks and lung is not None) else None,
+               "lesion_ml_true": truth["lesion_ml"], "lesion_ml_pred": pred["lesion_ml"],
+               "infection_percent_true": truth["infection_percent"], "infection_percent_pred": pred["infection_percent"]}
+        both = row["infection_percent_true"] is not None and row["infection_percent_pred"] is not None
+        row["infection_percent_abs_error"] = (abs(row["infection_percent_pred"] - row["infection_percent_true"])
+                                              if both else None)
+        rows.append(row)
+    summary = {}
+    for key in ("lesion_dice_3d", "lung_dice_3d", "infection_percent_abs_error"):
+        vals = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
+        summary[key] = {"mean": float(np.mean(vals)) if vals else None,
+                        "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals)}
+    results = {"checkpoint": str(checkpoint), "data": str(data), "threshold": threshold, "kind": "volumes",
+               "rule": "3D Dice over each whole volume at its own resolution; nan (excluded) when the volume "
+                       "has no lesion and none is predicted", "summary": summary, "patients": rows}
+    print(f"{'case':<24}{'lesion Dice':>12}{'lung Dice':>11}{'infection % true':>18}{'pred':>8}{'|error|':>9}")
+    fmt = lambda v, f="{:.4f}": "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)  # noqa: E731
+    for r in rows:
+        print(f"{r['case']:<24}{fmt(r['lesion_dice_3d']):>12}{fmt(r['lung_dice_3d']):>11}"
+              f"{fmt(r['infection_percent_true'], '{:.2f}'):>18}{fmt(r['infection_percent_pred'], '{:.2f}'):>8}"
+              f"{fmt(r['infection_percent_abs_error'], '{:.2f}'):>9}")
+    for key, m in summary.items():
+        print(f"{key}: {fmt(m['mean'])} ± {fmt(m['sd'])} (n={m['n']})")
+    out = Path(out) if out else Path(checkpoint).parent / "eval-volumes"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(finite_or_none(results), indent=1, allow_nan=False))
+    write_csv(rows, out / "per_patient.csv")
+    print(f"wrote {out}/results.json, per_patient.csv")
+    return results
+
+
+def is_volume_folder(data: str | Path) -> bool:
+    """True for a NIfTI file or a folder of volumes (not a preprocessed folder or a folder of pairs)."""
+    data = Path(data)
+    if is_nifti(data):
+        return True
+    if not data.is_dir() or (data / "images.npy").is_file() or find_pair_dirs(data, "train") or find_pair_dirs(data, "test"):
+        return False
+    return any(is_nifti(p) for p in data.rglob("*.nii*"))
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/best_model.pth")
     p.add_argument("--data", default="data/processed", help="preprocessed folder or folder of image-mask pairs")
     p.add_argument("--split", default="test", help="split of splits.json (or part of a pair folder)")
-    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval-SPLIT)")
+    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval-SPLIT, or eval-volumes)")
+    p.add_argument("--splits", default=None, help="volumes only: splits.json whose --split cases to score")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -208,6 +294,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if is_volume_folder(args.data):
+        return evaluate_volumes(args.checkpoint, args.data, args.out, args.threshold, args.device, args.amp,
+                                args.batch_size, args.splits, args.split, args.progress)
     return evaluate(args.checkpoint, args.data, args.split, args.out, args.threshold, args.device, args.amp,
                     args.batch_size, progress=args.progress)
 

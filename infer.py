@@ -2,7 +2,8 @@
 
     python infer.py --input slice.png                          # -> prediction_mask.png (+ _overlay.png)
     python infer.py --input slices/ --output masks/            # -> masks/<name>.png, masks/overlays/<name>.png
-    python infer.py --input scan.nii.gz --output results/      # -> results/<case>_lesion.nii.gz (+ _lung)
+    python infer.py --input scan.nii.gz --output results/      # -> results/<case>_lesion.nii.gz, _lung.nii.gz,
+                                                               #    _report.json (mL, infection %), _montage.png
 
 Masks are white (255) where the model sees infection, at the input's own size. A NIfTI mask has exactly
 the input's shape, affine and orientation, so it opens over the scan in 3D Slicer or ITK-SNAP. The input
@@ -11,6 +12,7 @@ is preprocessed from the checkpoint's record, by the same functions training use
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -19,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 from data.transforms import (IMAGE_SUFFIXES, InputError, case_name, from_axial_slices, is_nifti,
-                             load_image_slice, load_nifti, prepare_slices, read_image, read_volume_data,
-                             resize_images, to_axial_slices)
+                             load_image_slice, load_nifti, nifti_gz_bytes, prepare_slices, read_image, read_volume_data,
+                             resize_images, resize_masks, to_axial_slices, voxel_spacing)
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.helpers import amp_dtype, atomic_write, mask_to_png, overlay, resolve_device, save_png
+from utils.helpers import amp_dtype, atomic_write, mask_to_png, overlay, resolve_device, save_png, write_csv
+from utils.volumes import volume_report
 from utils.inference import inference_model, predict
 
 
@@ -60,29 +63,84 @@ class Predictor:
                          for k, v in probs.items()}
                 yield path, read_image(path), masks
 
-    def predict_volume(self, path: Path, threshold: float = 0.5) -> tuple[nib.Nifti1Image, dict[str, np.ndarray]]:
-        """Masks {name: uint8 array in the file's own voxel order and shape} for a NIfTI volume."""
+    def predict_volume(self, path: Path, threshold: float = 0.5):
+        """Predict a NIfTI volume.
+
+        Returns:
+            (nibabel image, preprocessed slices (Z, S, S), {name: uint8 mask (Z, H, W)}), the masks in
+            display orientation at the scan's in-plane size (see data.transforms.to_axial_slices).
+        """
         img = load_nifti(path, "image")
         slices = to_axial_slices(read_volume_data(img, path, "image"), img.affine)
-        probs = self.probs(prepare_slices(slices, self.prep))
+        images = prepare_slices(slices, self.prep)
+        probs = self.probs(images)
         shape = slices.shape[1:]
-        file_shape = nib.load(str(path)).shape  # (X, Y, Z) or (X, Y, Z, 1): the mask keeps the file's own
         masks = {}
-        for name, p in probs.items():
-            full = torch.cat([resize_images(p[i:i + 64], shape) for i in range(0, len(p), 64)])
-            masks[name] = from_axial_slices((full > threshold).numpy().astype(np.uint8), img.affine).reshape(file_shape)
-        return img, masks
+        for name, p in probs.items():  # upsample in chunks: a 512x512x300 float volume is 300 MB
+            masks[name] = torch.cat([resize_images(p[i:i + 32], shape) > threshold
+                                     for i in range(0, len(p), 32)]).numpy().astype(np.uint8)
+        return img, images.numpy(), masks
+
+
+def montage(images: np.ndarray, masks: dict[str, np.ndarray], n: int = 6, cols: int = 3) -> np.ndarray:
+    """Overlays of the ``n`` axial slices with the most lesion (lesion red, lung green), tiled; uint8 RGB."""
+    main = masks.get("lesion", masks.get("lung"))
+    area = main.reshape(len(main), -1).sum(1)
+    picks = sorted(np.argsort(-area, kind="stable")[:n])
+    size = images.shape[1:]
+    tiles = []
+    for z in picks:
+        small = {k: resize_masks(m[z][None], size)[0].numpy() for k, m in masks.items()}
+        tile = overlay(images[z], small.get("lung", np.zeros(size, np.uint8)), (60, 200, 60), 0.25)
+        tiles.append(overlay(tile, small.get("lesion", np.zeros(size, np.uint8))))
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[i:i + cols], axis=1) for i in range(0, len(tiles), cols)]
+    return np.concatenate(rows, axis=0)
 
 
 def save_nifti_mask(mask: np.ndarray, like: nib.Nifti1Image, path: Path) -> None:
-    """Write a uint8 mask with the reference image's affine and orientation, atomically."""
-    out = nib.Nifti1Image(mask.astype(np.uint8), like.affine)
-    out.set_qform(like.affine, code=int(like.header["qform_code"]) or 1)
-    out.set_sform(like.affine, code=int(like.header["sform_code"]) or 1)
-    out.header.set_xyzt_units(*like.header.get_xyzt_units())
+    """Write a uint8 mask with the reference image's affine (so its orientation), atomically."""
     with atomic_write(path) as tmp:
-        nib.save(out, tmp.with_name(tmp.name + ".nii.gz"))
-        tmp.with_name(tmp.name + ".nii.gz").rename(tmp)
+        tmp.write_bytes(nifti_gz_bytes(mask.astype(np.uint8), like.affine))
+
+
+def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshold: float,
+                  checkpoint: str | Path, progress: bool = True) -> list[Path]:
+    """Masks, a report and a montage per volume; with several volumes also OUT/report.csv.
+
+    Writes OUT/<case>_lesion.nii.gz and/or OUT/<case>_lung.nii.gz (uint8, the scan's own shape, affine and
+    orientation), OUT/<case>_report.json and OUT/<case>_montage.png. Returns the mask paths.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    written, reports = [], []
+    for vol in tqdm(volumes, desc="volumes", disable=True if (not progress or len(volumes) == 1) else None):
+        case = case_name(vol)
+        img, images, masks = predictor.predict_volume(vol, threshold)
+        file_shape = nib.load(str(vol)).shape  # (X, Y, Z) or (X, Y, Z, 1): the mask keeps the file's own
+        for name, mask in masks.items():
+            path = out / f"{case}_{name}.nii.gz"
+            save_nifti_mask(from_axial_slices(mask, img.affine).reshape(file_shape), img, path)
+            written.append(path)
+        report = {"case": case, "file": str(vol), "checkpoint": str(checkpoint), "threshold": threshold,
+                  "shape": [int(v) for v in file_shape], "spacing_mm": voxel_spacing(img),
+                  **volume_report(masks.get("lesion"), masks.get("lung"), voxel_spacing(img))}
+        if "lung" not in masks:
+            report["note"] = ("this checkpoint segments lesions only: the infection percentage needs a lung "
+                              "model (train one with --task lung+lesion)")
+        with atomic_write(out / f"{case}_report.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+        save_png(montage(images, masks), out / f"{case}_montage.png")
+        reports.append(report)
+        pct = report["infection_percent"]
+        print(f"{case}: lesion {report['lesion_ml'] or 0:.1f} mL"
+              + (f", lung {report['lung_ml']:.1f} mL, infection {pct:.2f}% (left {report['infection_percent_left'] or 0:.2f}%, "
+                 f"right {report['infection_percent_right'] or 0:.2f}%)" if pct is not None else f"; {report.get('note', '')}"))
+    if len(reports) > 1:
+        write_csv([{k: v for k, v in r.items() if not isinstance(v, list)} for r in reports], out / "report.csv")
+    print(f"wrote {len(written)} mask volume(s), reports and montages to {out}/"
+          + (" (summary: report.csv)" if len(reports) > 1 else ""))
+    return written
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -115,16 +173,8 @@ def infer(checkpoint: str | Path, input: str | Path, output: str | Path | None =
 
     volumes = [src] if is_nifti(src) else (sorted(p for p in src.iterdir() if is_nifti(p)) if src.is_dir() else [])
     if volumes:
-        out = Path(output) if output else Path("predictions")
-        out.mkdir(parents=True, exist_ok=True)
-        for vol in tqdm(volumes, desc="volumes", disable=True if (not progress or len(volumes) == 1) else None):
-            img, masks = predictor.predict_volume(vol, threshold)
-            for name, mask in masks.items():
-                path = out / f"{case_name(vol)}_{name}.nii.gz"
-                save_nifti_mask(mask, img, path)
-                written.append(path)
-        print(f"wrote {len(written)} mask volume(s) to {out}/")
-        return written
+        return infer_volumes(predictor, volumes, Path(output) if output else Path("predictions"), threshold,
+                             checkpoint, progress)
 
     if src.is_file():
         if src.suffix.lower() not in IMAGE_SUFFIXES:

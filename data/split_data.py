@@ -39,27 +39,51 @@ def _counts(n: int, val: float, test: float) -> tuple[int, int]:
     return n_val, n_test
 
 
+def _allocate(n: int, sizes: list[int]) -> list[int]:
+    """Split n items over strata in proportion to their sizes (largest remainder; ties go to the first)."""
+    quotas = [n * k / sum(sizes) for k in sizes]
+    take = [min(int(q), k) for q, k in zip(quotas, sizes)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-(quotas[i] - int(quotas[i])), i)):
+        if sum(take) == n:
+            break
+        if take[i] < sizes[i]:
+            take[i] += 1
+    return take
+
+
 def make_splits(cases: list[str], val: float = 0.15, test: float = 0.15, by: str = "patient",
-                seed: int = 0) -> dict:
+                seed: int = 0, positive: set[str] | None = None) -> dict:
     """Split the slices of a preprocessed set, given their case ids in row order.
 
     Args:
         cases: case id of every slice row (meta.json ``slices``).
         by: "patient" -> lists of case ids; "slice" -> lists of row indices.
+        positive: case ids that have lesion. When given, the split is stratified: patients with and without
+            lesion are spread over train/val/test in proportion, so that (with enough patients) validation
+            and test both contain lesions and a validation Dice exists.
     Returns:
-        {"by", "seed", "train", "val", "test"}; sorted lists, disjoint, together covering every item.
+        {"by", "seed", "stratified", "train", "val", "test"}; sorted, disjoint lists covering every item.
     """
     if by == "patient":
         items = sorted(set(cases))
+        label = {c: c in positive for c in items} if positive is not None else None
     elif by == "slice":
         items = list(range(len(cases)))
+        label = {i: cases[i] in positive for i in items} if positive is not None else None
     else:
         raise ValueError(f"by must be 'patient' or 'slice', got {by!r}")
     n_val, n_test = _counts(len(items), val, test)
-    order = np.random.default_rng(seed).permutation(len(items))
-    pick = lambda idx: sorted(items[i] for i in idx)  # noqa: E731
-    return {"by": by, "seed": seed, "test": pick(order[:n_test]), "val": pick(order[n_test:n_test + n_val]),
-            "train": pick(order[n_test + n_val:])}
+    rng = np.random.default_rng(seed)
+    shuffled = [items[i] for i in rng.permutation(len(items))]
+    strata = [[x for x in shuffled if label[x]], [x for x in shuffled if not label[x]]] if label else [shuffled]
+    strata = [s for s in strata if s]
+    parts = {}
+    for name, n in (("test", n_test), ("val", n_val)):
+        take = _allocate(n, [len(s) for s in strata])
+        parts[name] = sorted(x for s, k in zip(strata, take) for x in s[:k])
+        strata = [s[k:] for s, k in zip(strata, take)]
+    parts["train"] = sorted(x for s in strata for x in s)
+    return {"by": by, "seed": seed, "stratified": "lesion present" if label else None, **parts}
 
 
 def write_json(path: Path, obj) -> None:
@@ -70,13 +94,18 @@ def write_json(path: Path, obj) -> None:
 
 def split_preprocessed(data: str | Path, val: float = 0.15, test: float = 0.15, by: str = "patient",
                        seed: int = 0) -> dict:
-    """Write ``data/splits.json`` for a folder made by data.preprocess; returns the splits."""
+    """Write ``data/splits.json`` for a folder made by data.preprocess, stratified by lesion presence when
+    the folder has lesion masks; returns the splits."""
     data = Path(data)
     meta_path = data / "meta.json"
     if not meta_path.is_file():
         raise InputError(f"{data}: no meta.json; run `python -m data.preprocess --out {data}` first")
-    cases = [s["case"] for s in json.loads(meta_path.read_text())["slices"]]
-    splits = make_splits(cases, val, test, by, seed)
+    meta = json.loads(meta_path.read_text())
+    cases = [s["case"] for s in meta["slices"]]
+    positive = None
+    if meta.get("masks", {}).get("lesion"):
+        positive = {c for c, e in meta["cases"].items() if any(v > 0 for v in e.get("lesion_label_values", []))}
+    splits = make_splits(cases, val, test, by, seed, positive)
     write_json(data / "splits.json", splits)
     return splits
 

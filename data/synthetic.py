@@ -22,16 +22,15 @@ The same seed gives byte-identical files, and patient i depends only on (seed, i
 """
 import argparse
 import functools
-import gzip
-import io
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
+
+from data.transforms import nifti_gz_bytes
+from utils.helpers import atomic_write
 
 DEFAULT_OUT = "data/synthetic"  # where `python -m data.synthetic` writes; data/preprocess.py reads it
 DEFAULT_PATIENTS = 12
@@ -557,34 +556,6 @@ def _scan(rng, img, psf_sigma, noise_sd) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
-def _nifti_gz_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
-    """Serialize to .nii.gz bytes with a fixed gzip header (mtime 0, no name): same data, same bytes."""
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_data_dtype(data.dtype)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)  # 1 = scanner coordinates
-    img.set_sform(affine, code=1)
-    buf = io.BytesIO()
-    # level 1: CT noise barely compresses, and it is 3x faster than level 6 for 2% more bytes
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=1) as gz:
-        gz.write(img.to_bytes())
-    return buf.getvalue()
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; these are shared data files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def generate_dataset(out_dir, patients: int, seed: int, shape: tuple | None = None,
                      progress: bool = False) -> list[str]:
     """Write `patients` phantoms as NIfTI files to out_dir/{images,lung_masks,lesion_masks}/.
@@ -618,7 +589,8 @@ def generate_dataset(out_dir, patients: int, seed: int, shape: tuple | None = No
     for i in tqdm(range(patients), desc="phantoms", unit="patient", disable=None if progress else True):
         p = generate_patient(np.random.default_rng([seed, i]), shape)
         for folder, data in zip(folders, (p["image"], p["lung"], p["lesion"])):
-            _write_atomic(folder / names[i], _nifti_gz_bytes(data, p["affine"]))
+            with atomic_write(folder / names[i]) as tmp:
+                tmp.write_bytes(nifti_gz_bytes(data, p["affine"]))
 
     keep = set(names)
     for folder in folders:

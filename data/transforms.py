@@ -7,6 +7,7 @@ training copies into every checkpoint, so inference rebuilds exactly the same in
 """
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -159,6 +160,21 @@ def from_axial_slices(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
     ras = slices.transpose(2, 1, 0)[::-1, ::-1, :]
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.io_orientation(affine))
     return np.ascontiguousarray(nib.orientations.apply_orientation(ras, back))
+
+
+def nifti_gz_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    """Serialise a volume to .nii.gz bytes with a fixed gzip header (mtime 0, no name): same data, same bytes.
+
+    The affine goes into both qform and sform (code 1, scanner coordinates), so every viewer places the
+    volume the same way; units are millimetres.
+    """
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    # level 1: CT noise barely compresses, and it is 3x faster than level 6 for 2% more bytes
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
 def voxel_spacing(img) -> list[float]:

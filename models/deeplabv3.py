@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.segmentation import deeplabv3_resnet50
 
+from .common import init_prior_bias
+
 # ImageNet ResNet stems are RGB.
 _RGB_CHANNELS = 3
 
@@ -46,6 +48,9 @@ class DeepLabV3(nn.Module):
         self.backbone = net.backbone
         self.classifier = net.classifier
         self.aux_classifier = net.aux_classifier
+        for head in (self.classifier, self.aux_classifier):
+            if head is not None:
+                init_prior_bias(head[-1])
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         size = x.shape[-2:]

@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor, nn
 
+from .common import init_prior_bias
+
 # Four 2x2 max-pools: each input side must divide by 2**4 so that skips and upsampled maps align.
 DOWNSAMPLE_FACTOR = 16
 
@@ -64,6 +66,7 @@ class UNet(nn.Module):
             _Up(c_in, c_out) for c_in, c_out in zip(channels[:0:-1], channels[-2::-1])
         )
         self.head = nn.Conv2d(channels[0], num_classes, 1)
+        init_prior_bias(self.head)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[-2] % DOWNSAMPLE_FACTOR or x.shape[-1] % DOWNSAMPLE_FACTOR:

@@ -134,3 +134,15 @@ def test_load_backbone_weights_wrong_shape_raises(resnet_state):
     bad["layer1.0.conv1.weight"] = torch.zeros(64, 32, 1, 1)
     with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight.*\(64, 32, 1, 1\).*\(64, 64, 1, 1\)"):
         load_backbone_weights(DeepLabV3(), bad)
+
+
+@pytest.mark.parametrize("name,num_classes", [("unet", 1), ("unet", 3), ("deeplabv3", 2)])
+def test_untrained_models_start_at_the_foreground_prior(name, num_classes):
+    from models.common import FOREGROUND_PRIOR
+
+    torch.manual_seed(0)
+    model = build_model(name, 1, num_classes).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 1, 64, 64))
+    probs = torch.sigmoid(logits) if num_classes == 1 else logits.softmax(1)[:, 1:].sum(1, keepdim=True)
+    assert probs.mean().item() == pytest.approx(FOREGROUND_PRIOR, rel=0.05)

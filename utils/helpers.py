@@ -123,11 +123,14 @@ def mask_to_png(mask: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 40, 40), alpha: float = 0.45) -> np.ndarray:
-    """Blend a binary mask in colour over a grayscale image in [0, 1] or uint8; returns uint8 (H, W, 3)."""
+    """Blend a binary mask in colour over an image: grayscale (H, W) in [0, 1], or uint8 gray / RGB
+    (H, W, 3), so overlays can be stacked. Returns uint8 (H, W, 3)."""
     img = np.asarray(image, dtype=np.float32)
-    if img.max(initial=0) > 1.0:
+    if np.asarray(image).dtype == np.uint8 or img.max(initial=0) > 1.0:
         img = img / 255.0
-    rgb = np.repeat((np.clip(img, 0, 1) * 255)[..., None], 3, axis=-1)
+    rgb = np.clip(img, 0, 1) * 255
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
     m = np.asarray(mask) > 0
     rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, dtype=np.float32)
     return rgb.astype(np.uint8)

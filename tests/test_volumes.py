@@ -1,0 +1,173 @@
+"""Whole-CT measurements (utils.volumes) and volume inference / evaluation end to end."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import evaluate
+import infer
+from data.transforms import to_axial_slices
+from tests.script_fixtures import SIZE, phantoms, processed, run_script, run_train, train_argv, trained  # noqa: F401
+from utils.volumes import dice_3d, split_lungs, volume_report
+
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct" / "abdomen_ct_small.nii.gz"
+# A briefly trained lung+lesion model, scored on a phantom it trained on: the report's infection
+# percentage must land within this many percentage points of the phantom's ground truth.
+INFECTION_TOLERANCE_POINTS = 10.0
+
+
+def quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- arithmetic
+def test_report_volumes_and_percentages_by_hand():
+    # display orientation: low columns are the patient's right. Right lung (label 2) in columns 0-2,
+    # left lung (label 1) in columns 5-7, 2 slices of 4 rows: 24 voxels each side.
+    lung = np.zeros((2, 4, 8), np.uint8)
+    lung[:, :, 0:3] = 2
+    lung[:, :, 5:8] = 1
+    lesion = np.zeros_like(lung)
+    lesion[0, 0, 0:3] = 1  # 3 voxels in the right lung
+    lesion[1, 2, 6] = 1    # 1 voxel in the left lung
+    lesion[1, 3, 4] = 1    # 1 voxel outside the lungs: counts in lesion_ml, not in the percentages
+    r = volume_report(lesion, lung, spacing=(0.5, 0.5, 2.0))  # 0.5 mm3 = 0.0005 mL a voxel
+    assert r["voxel_ml"] == pytest.approx(0.0005)
+    assert r["lesion_ml"] == pytest.approx(5 * 0.0005)
+    assert r["lung_ml"] == pytest.approx(48 * 0.0005)
+    assert r["lung_right_ml"] == pytest.approx(24 * 0.0005) and r["lung_left_ml"] == pytest.approx(24 * 0.0005)
+    assert r["infection_percent"] == pytest.approx(100 * 4 / 48, abs=1e-3)
+    assert r["infection_percent_right"] == pytest.approx(100 * 3 / 24, abs=1e-3)
+    assert r["infection_percent_left"] == pytest.approx(100 * 1 / 24, abs=1e-3)
+    assert r["slices_with_lesion"] == 2 and r["n_slices"] == 2
+
+
+def test_binary_lungs_are_split_at_the_mediastinum():
+    lung = np.zeros((3, 10, 40), bool)
+    lung[:, 2:8, 2:20] = True   # a big right lung (image left)
+    lung[:, 2:8, 26:34] = True  # a smaller left lung; the gap is off-centre
+    right, left = split_lungs(lung)
+    assert right[:, 2:8, 2:20].all() and not right[:, :, 26:].any()
+    assert left[:, 2:8, 26:34].all() and not left[:, :, :20].any()
+
+
+def test_report_without_a_lung_mask_gives_no_percentages():
+    r = volume_report(np.ones((2, 4, 4)), None, (1, 1, 1))
+    assert r["lesion_ml"] == pytest.approx(0.032) and r["infection_percent"] is None and r["lung_ml"] is None
+
+
+def test_dice_3d_rules():
+    a = np.zeros((2, 4, 4), bool)
+    a[0, :2] = True
+    assert dice_3d(a, a) == 1.0
+    assert dice_3d(a, ~a) == 0.0
+    assert math.isnan(dice_3d(np.zeros_like(a), np.zeros_like(a)))
+
+
+# ----------------------------------------------------------------------------- inference on volumes
+def test_lesion_model_writes_mask_report_and_montage(trained, phantoms, tmp_path):
+    src = phantoms / "images" / "phantom_000.nii.gz"
+    quiet(infer.infer, trained["out"] / "best_model.pth", src, tmp_path, device="cpu", progress=False)
+    report = json.loads((tmp_path / "phantom_000_report.json").read_text())
+    mask = nib.load(tmp_path / "phantom_000_lesion.nii.gz")
+    ref = nib.load(src)
+    assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine)
+    voxel_ml = float(np.prod(ref.header.get_zooms())) / 1000
+    assert report["lesion_ml"] == pytest.approx(np.asarray(mask.dataobj).sum() * voxel_ml, abs=1e-3)
+    assert report["infection_percent"] is None and "lung model" in report["note"]
+    assert not (tmp_path / "phantom_000_lung.nii.gz").exists()
+    assert (tmp_path / "phantom_000_montage.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_geometry_round_trip_keeps_shape_affine_and_orientation(trained, tmp_path, flip):
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 400, (40, 36, 5)).astype(np.int16)
+    affine = np.diag([-0.7, -0.7, 3.0, 1.0]) if not flip else np.diag([0.7, -0.7, -3.0, 1.0])
+    src = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), src)
+    quiet(infer.infer, trained["out"] / "best_model.pth", src, tmp_path / "out", device="cpu", progress=False)
+    out = nib.load(tmp_path / "out" / "scan_lesion.nii.gz")
+    assert out.shape == data.shape and np.array_equal(out.affine, nib.load(src).affine)
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(affine)
+    assert out.get_data_dtype() == np.uint8
+
+
+@pytest.mark.skipif(not REAL_CT.is_file(), reason="../shared/data/real-ct not found: real NIfTI round trip needs it")
+def test_real_ct_volume_round_trip(trained, tmp_path):
+    quiet(infer.infer, trained["out"] / "best_model.pth", REAL_CT, tmp_path, device="cpu", progress=False)
+    ref, out = nib.load(REAL_CT), nib.load(tmp_path / "abdomen_ct_small_lesion.nii.gz")
+    assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(ref.affine)
+
+
+@pytest.fixture(scope="module")
+def lung_lesion_ckpt(processed, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lung_lesion")
+    quiet(run_train, train_argv(processed, out, "--task", "lung+lesion", "--lr", "1e-2", "--sched", "none",
+                                "--no-augment", epochs=10, width=8))
+    return out / "best_model.pth"
+
+
+def test_infection_percent_of_a_trained_lung_lesion_model_matches_the_phantom(lung_lesion_ckpt, phantoms,
+                                                                              processed, tmp_path):
+    train_case = json.loads((processed / "splits.json").read_text())["train"][0]
+    src = phantoms / "images" / f"{train_case}.nii.gz"
+    quiet(infer.infer, lung_lesion_ckpt, src, tmp_path, device="cpu", progress=False)
+    report = json.loads((tmp_path / f"{train_case}_report.json").read_text())
+    img = nib.load(src)
+    lesion = to_axial_slices(np.asarray(nib.load(phantoms / "lesion_masks" / f"{train_case}.nii.gz").dataobj), img.affine)
+    lung = to_axial_slices(np.asarray(nib.load(phantoms / "lung_masks" / f"{train_case}.nii.gz").dataobj), img.affine)
+    truth = volume_report(lesion, lung, img.header.get_zooms())
+    assert (tmp_path / f"{train_case}_lung.nii.gz").is_file()
+    assert report["lung_ml"] == pytest.approx(truth["lung_ml"], rel=0.15)
+    for key in ("infection_percent", "infection_percent_left", "infection_percent_right"):
+        assert abs(report[key] - truth[key]) <= INFECTION_TOLERANCE_POINTS, (key, report[key], truth[key])
+
+
+def test_evaluate_on_volumes_reports_3d_dice_and_infection_error(lung_lesion_ckpt, phantoms, processed, tmp_path):
+    res = quiet(evaluate.evaluate_volumes, lung_lesion_ckpt, phantoms, tmp_path, device="cpu",
+                splits=processed / "splits.json", split="train", progress=False)
+    patients = res["patients"]
+    assert [p["case"] for p in patients] == sorted(json.loads((processed / "splits.json").read_text())["train"])
+    for p in patients:
+        assert 0 <= p["lung_dice_3d"] <= 1
+        assert p["infection_percent_abs_error"] == pytest.approx(
+            abs(p["infection_percent_pred"] - p["infection_percent_true"]), abs=1e-3)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["lung_dice_3d"]["n"] == len(patients)
+    assert (tmp_path / "per_patient.csv").read_text().count("\n") == len(patients) + 1
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_2d_nifti_is_one_clear_line(trained, tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.int16), np.eye(4)), tmp_path / "flat.nii.gz")
+    res = run_script("infer.py", "--checkpoint", str(trained["out"] / "best_model.pth"),
+                     "--input", str(tmp_path / "flat.nii.gz"), "--output", str(tmp_path / "out"))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and len(lines) == 1 and "Traceback" not in res.stderr
+    assert "flat.nii.gz" in lines[0] and "3D" in lines[0]
+
+
+def test_corrupt_nifti_is_one_clear_line(trained, tmp_path):
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b" + bytes(range(200)))
+    res = run_script("infer.py", "--checkpoint", str(trained["out"] / "best_model.pth"),
+                     "--input", str(tmp_path / "broken.nii.gz"), "--output", str(tmp_path / "out"))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and len(lines) == 1 and "broken.nii.gz" in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_volume_with_missing_checkpoint_is_one_clear_line(phantoms, tmp_path):
+    res = run_script("infer.py", "--checkpoint", str(tmp_path / "nope.pth"),
+                     "--input", str(phantoms / "images" / "phantom_000.nii.gz"), "--output", str(tmp_path / "out"))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and len(lines) == 1 and "nope.pth" in lines[0] and "not found" in lines[0]

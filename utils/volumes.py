@@ -1,0 +1,82 @@
+"""Whole-CT measurements from masks in display orientation: volumes in mL and infection percentages.
+
+Masks here are (Z, H, W) stacks from data.transforms.to_axial_slices: the patient's right is on the
+image's left (low column index), so left and right lungs are told apart by columns.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# The mediastinum is looked for in the middle part of the lungs' left-right extent only.
+MIDLINE_SEARCH = (0.3, 0.7)
+
+
+def split_lungs(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split a binary lung mask (Z, H, W) into (right lung, left lung) at the mediastinum.
+
+    The midline is the column, within the central 30-70% of the lungs' extent, where the fewest lung
+    voxels lie (the gap between the two lungs); columns left of it in the image are the patient's right.
+    Label maps with 1 = left and 2 = right (as the phantoms' and Ma et al.'s ground truth) are split by
+    label instead.
+    """
+    lung = np.asarray(lung)
+    if lung.max(initial=0) >= 2:
+        return lung == 2, lung == 1
+    lung = lung > 0
+    cols = np.flatnonzero(lung.any(axis=(0, 1)))
+    if len(cols) == 0:
+        return lung, lung
+    lo, hi = cols[0], cols[-1]
+    a, b = lo + int(MIDLINE_SEARCH[0] * (hi - lo)), lo + int(MIDLINE_SEARCH[1] * (hi - lo)) + 1
+    profile = lung[:, :, a:b].sum(axis=(0, 1))
+    mid = a + int(np.argmin(profile))
+    right = lung.copy()
+    right[:, :, mid:] = False
+    return right, lung & ~right
+
+
+def _percent(part: int, whole: int) -> float | None:
+    return 100.0 * part / whole if whole else None
+
+
+def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, spacing) -> dict:
+    """Lesion and lung volumes and infection percentages of one CT.
+
+    Args:
+        lesion: binary lesion mask (Z, H, W), or None without a lesion model.
+        lung: binary lung mask or 1-left/2-right label map (Z, H, W), or None without a lung model.
+        spacing: voxel size in mm (any order: only the product is used).
+    Returns:
+        dict with lesion_ml, lung_ml, lung_left_ml, lung_right_ml, infection_percent (lesion inside the
+        lungs / lung volume), infection_percent_left / _right, slices_with_lesion, n_slices; lung figures
+        are None without a lung mask.
+    """
+    voxel_ml = float(np.prod([float(s) for s in spacing][:3])) / 1000.0
+    report = {"voxel_ml": voxel_ml, "n_slices": int((lesion if lesion is not None else lung).shape[0]),
+              "slices_with_lesion": None, "lesion_ml": None}
+    if lesion is not None:
+        lesion = np.asarray(lesion) > 0
+        report.update(slices_with_lesion=int(lesion.any(axis=(1, 2)).sum()),
+                      lesion_ml=float(lesion.sum()) * voxel_ml)
+    if lung is None or lesion is None:
+        report.update(lung_ml=None, lung_left_ml=None, lung_right_ml=None, infection_percent=None,
+                      infection_percent_left=None, infection_percent_right=None)
+        if lung is not None:
+            report["lung_ml"] = float((np.asarray(lung) > 0).sum()) * voxel_ml
+        return report
+    right, left = split_lungs(lung)
+    whole = right | left
+    n = {k: int(m.sum()) for k, m in (("lung", whole), ("left", left), ("right", right))}
+    hit = {k: int((lesion & m).sum()) for k, m in (("lung", whole), ("left", left), ("right", right))}
+    report.update(lung_ml=n["lung"] * voxel_ml, lung_left_ml=n["left"] * voxel_ml, lung_right_ml=n["right"] * voxel_ml,
+                  infection_percent=_percent(hit["lung"], n["lung"]),
+                  infection_percent_left=_percent(hit["left"], n["left"]),
+                  infection_percent_right=_percent(hit["right"], n["right"]))
+    return report
+
+
+def dice_3d(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary volumes; nan when both are empty (undefined, reported as such)."""
+    pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
+    den = int(pred.sum()) + int(truth.sum())
+    return 2.0 * int((pred & truth).sum()) / den if den else float("nan")
