@@ -6,6 +6,13 @@
 --data is either a folder written by data.preprocess (+ splits.json from data.split_data), or a folder of
 image-mask pairs: train_images/ + train_masks/ (+ val_images/ + val_masks/), or COVID-SemiSeg's Imgs/ + GT/.
 Writes OUT/best_model.pth (best validation Dice), OUT/last.pth, OUT/history.csv and OUT/curves.png.
+
+Crash safety: every output is written to a hidden temporary file and renamed, so a crash or a kill at any
+moment leaves the last good OUT/last.pth (saved after every epoch) loadable. `--resume OUT/last.pth`
+restores model, optimizer, scheduler, AMP scaler, RNG states and epoch: on CPU with --deterministic, an
+interrupted-and-resumed run ends with bitwise the same weights as an uninterrupted one. Ctrl-C stops at
+once (the unfinished epoch is dropped) and says how to resume; a NaN or infinite loss stops training
+before those weights are saved. See docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 # ---- Edit these, then run `python train.py` (each can also be set by the flag named beside it) ----
@@ -33,12 +41,26 @@ from data.dataset import (TASK_CLASSES, TASKS, PairAugment, PairFolderDataset, S
                           find_pair_dirs, pair_files)
 from data.transforms import InputError, make_preprocessing  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
-from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from utils.checkpoint import (load_checkpoint, remove_stale_temp_files, restore_rng_states, rng_states,  # noqa: E402
+                              safe_load, save_checkpoint)
 from utils.helpers import (amp_dtype, autocast, plot_curves, resolve_device, seed_everything,  # noqa: E402
                            write_csv)
 from utils.inference import class_probs, class_targets  # noqa: E402
 from utils.losses import LOSSES, get_loss  # noqa: E402
-from utils.metrics import SegmentationMeter  # noqa: E402
+from utils.metrics import SegmentationMeter, metrics_from_counts  # noqa: E402
+from utils import distributed  # noqa: E402
+
+
+OUTPUTS = ("last.pth", "best_model.pth", "history.csv", "curves.png")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_score", "history")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss (or the weights) stopped being finite; the weights of that epoch were not saved."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where it stopped and how to resume."""
 
 
 def default_loss(model: str, task: str) -> str:
@@ -99,10 +121,17 @@ def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int):
 
 @torch.no_grad()
 def validate(model, loader, criterion, task: str, device, dtype, threshold: float = 0.5,
-             fmt=torch.contiguous_format) -> dict:
-    """Loss and pooled metrics over a whole loader (counts accumulated over the set, not batch means)."""
+             fmt=torch.contiguous_format, ctx: distributed.Context = distributed.Context()) -> dict:
+    """Loss and pooled metrics over a whole loader (counts accumulated over the set, not batch means).
+
+    Under torchrun each rank scores its own share of the validation set and the loss and TP/FP/FN/TN
+    counts are summed over ranks, so the figures are those of the whole set. ``score`` ranks epochs for
+    best_model.pth: the mean Dice of the structures present in the validation ground truth, or minus the
+    loss when none is (a validation set without lesion has no Dice).
+    """
     model.eval()
-    meters = {name: SegmentationMeter() for name in class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task)}
+    names = list(class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task))
+    meters = {name: SegmentationMeter() for name in names}
     total, n = torch.zeros((), device=device), 0
     for images, masks in loader:
         images = images.to(device, non_blocking=True, memory_format=fmt)
@@ -114,12 +143,41 @@ def validate(model, loader, criterion, task: str, device, dtype, threshold: floa
         probs, targets = class_probs(logits, task), class_targets(masks, task)
         for name, meter in meters.items():
             meter.update(probs[name], targets[name], threshold)
-    main = "lesion" if "lesion" in meters else "lung"
-    pooled = {name: m.pooled() for name, m in meters.items()}
-    result = {"loss": float(total) / max(n, 1), "dice": pooled[main]["dice"], "iou": pooled[main]["iou"]}
-    if len(meters) > 1:
+    counts = [[m.pooled()[k] for k in ("tp", "fp", "fn", "tn")] for m in meters.values()]
+    summed = distributed.all_reduce_sum(torch.tensor([float(total), n, *sum(counts, [])], dtype=torch.float64,
+                                                     device=device), ctx).tolist()
+    loss = summed[0] / max(summed[1], 1)
+    per = {name: [int(v) for v in summed[2 + 4 * i: 6 + 4 * i]] for i, name in enumerate(names)}
+    pooled = {name: metrics_from_counts(*c) for name, c in per.items()}
+    present = [pooled[name]["dice"] for name, c in per.items() if c[0] + c[2] > 0]  # tp + fn: in the truth
+    main = "lesion" if "lesion" in pooled else "lung"
+    result = {"loss": loss, "dice": pooled[main]["dice"], "iou": pooled[main]["iou"],
+              "score": float(np.mean(present)) if present else -loss}
+    if len(pooled) > 1:
         result.update({f"{name}_dice": p["dice"] for name, p in pooled.items()})
     return result
+
+
+def checks_loss_each_step(device: torch.device) -> bool:
+    """Whether each step's loss is checked before it touches the weights.
+
+    On the CPU reading a scalar is free; on a GPU it is a sync per step, so there non-finite losses are
+    counted on the device and read once per epoch, and the weights are checked before anything is saved.
+    """
+    return device.type == "cpu"
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """True when every floating-point parameter and buffer is finite (one device sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def diverged_message(what: str, saved, out: Path, args: argparse.Namespace) -> str:
+    """One line: what went wrong, what is on disk, what to try."""
+    kept = f"{saved[0]} still holds epoch {saved[1]}" if saved else f"nothing was saved to {out}/"
+    return (f"{what}; stopped before saving these weights ({kept}). "
+            f"Try a lower --lr (now {args.lr:g})" + (" or --amp off" if args.amp != "off" else "") + ".")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -145,6 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout (with bf16: ~3.7x faster U-Net training on an AVX-512 CPU)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="under torchrun on GPUs: batch-norm statistics over all processes")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 4 on CUDA)")
     p.add_argument("--out", default=OUT)
     p.add_argument("--seed", type=int, default=0)
@@ -157,7 +217,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     seed_everything(args.seed, args.deterministic)
-    device = resolve_device(args.device)
+    ctx, device = distributed.setup(resolve_device(args.device))
+    log = print if ctx.is_main else (lambda *a, **k: None)  # only rank 0 talks and writes
     dtype = amp_dtype(device, args.amp)
     loss_name = args.loss or default_loss(args.model, args.task)
     num_classes = output_channels(loss_name, args.task)
@@ -165,10 +226,15 @@ def main(args: argparse.Namespace) -> dict:
                                                          args.seed, args.augment)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     gen = torch.Generator()
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, drop_last=len(train_set) > args.batch_size,
-                              num_workers=workers, generator=gen, pin_memory=device.type == "cuda",
-                              persistent_workers=workers > 0)
-    val_loader = DataLoader(val_set, args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    # The sampler's shuffle depends on (seed, epoch) only; under torchrun each rank takes every world_size-th
+    # index of the same permutation, so N processes with batch B see the global batches of one with N*B.
+    sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler,
+                              drop_last=len(sampler) > args.batch_size, num_workers=workers, generator=gen,
+                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    # validation: each rank scores a disjoint share, no padding, and validate() sums the counts
+    val_loader = DataLoader(Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size)), args.batch_size,
+                            num_workers=workers, pin_memory=device.type == "cuda")
 
     model_kwargs = {"width": args.width} if args.model == "unet" else {"aux": args.aux}
     model = build_model(args.model, in_channels=1, num_classes=num_classes, **model_kwargs)
@@ -176,8 +242,14 @@ def main(args: argparse.Namespace) -> dict:
         if args.model != "deeplabv3":
             raise InputError("--backbone-weights applies to --model deeplabv3 only")
         from models.deeplabv3 import load_backbone_weights
-        load_backbone_weights(model, args.backbone_weights)
+        state = safe_load(args.backbone_weights, "backbone weights file")
+        try:
+            load_backbone_weights(model, state)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{args.backbone_weights}: {e}") from None
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    if ctx.enabled and device.type == "cuda" and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
     model.to(device, memory_format=fmt)
     criterion = get_loss(loss_name, num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -188,6 +260,7 @@ def main(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out, OUTPUTS)  # left by a run that was killed while writing
     start_epoch, best, history = 0, -math.inf, []
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -196,65 +269,120 @@ def main(args: argparse.Namespace) -> dict:
             raise InputError(f"{args.resume}: holds {ckpt['model_config']} for task {ckpt.get('task')!r}; "
                              f"asked for {asked} for task {args.task!r} (pass the checkpoint's --model/--width/"
                              f"--aux/--loss/--task)")
+        lacking = [key for key in RESUME_KEYS if key not in ckpt]
+        if lacking:
+            raise InputError(f"{args.resume}: cannot resume from it, it lacks {lacking} (resume from the "
+                             f"last.pth that train.py wrote)")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt["history"]
-        print(f"resumed from {args.resume} at epoch {start_epoch + 1}/{args.epochs}")
+        # a scaler state exists only where fp16 ran; switching precision on resume starts a fresh scaler
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        if "rng" in ckpt:  # checkpoints older than this field resume without it (epochs are reseeded)
+            try:
+                restore_rng_states(ckpt["rng"], gen)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise InputError(f"{args.resume}: damaged RNG state ({type(e).__name__}: {e})") from None
+        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["history"]
+        log(f"resumed from {args.resume} at epoch {start_epoch + 1}/{args.epochs}", flush=True)
 
+    # DDP broadcasts rank 0's weights and averages gradients; `model` stays the unwrapped module that is saved
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} ({n_params / 1e6:.2f}M parameters, {num_classes} output channel(s), loss {loss_name}) on "
+    log(f"{args.model} ({n_params / 1e6:.2f}M parameters, {num_classes} output channel(s), loss {loss_name}) on "
           f"{device}{' with ' + str(dtype).replace('torch.', '') + ' autocast' if dtype else ''}: "
-          f"{len(train_set)} train / {len(val_set)} val slices")
+          f"{len(train_set)} train / {len(val_set)} val slices"
+          + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else ""))
     state = {"model_config": {"name": args.model, **model.config}, "num_classes": num_classes, "task": args.task,
              "loss": loss_name, "preprocessing": prep, "data_kind": data_kind,
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
-    for epoch in range(start_epoch, args.epochs):
-        # reseeding per epoch makes shuffling and augmentation independent of where a run was resumed
-        gen.manual_seed(args.seed * 100003 + epoch)
-        torch.manual_seed(args.seed * 100003 + epoch)
-        model.train()
-        t0, running, seen = time.time(), torch.zeros((), device=device), 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if args.progress else True)
-        for images, masks in bar:
-            images = images.to(device, non_blocking=True, memory_format=fmt)
-            masks = masks.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                outputs = model(images)
-            loss = criterion(outputs, masks)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            running += loss.detach() * len(images)  # stays on the device: no sync per step
-            seen += len(images)
-        train_loss = float(running) / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise RuntimeError(f"training loss became {train_loss} in epoch {epoch + 1}; stopped without saving "
-                               f"these weights (the last good checkpoint in {out}/ is intact). Try a lower --lr or --amp off.")
-        val = validate(model, val_loader, criterion, args.task, device, dtype, fmt=fmt)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
-               "val_iou": val["iou"], **{f"val_{k}": v for k, v in val.items() if k.endswith("_dice")},
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
-        history.append(row)
-        print(f"Epoch {epoch + 1}/{args.epochs}\ntrain_loss: {train_loss:.4f} | val_loss: {val['loss']:.4f} | "
-              f"val_dice: {val['dice']:.4f} | val_iou: {val['iou']:.4f}  ({row['seconds']:.0f}s)", flush=True)
-        # a validation set without lesion has no Dice (nan): it ranks below any number, never above
-        improved = (-1.0 if math.isnan(val["dice"]) else val["dice"]) > best
-        best = (-1.0 if math.isnan(val["dice"]) else val["dice"]) if improved else best
-        ckpt = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "metrics": {k: float(v) for k, v in val.items()}, "best_dice": best, "history": history}
-        save_checkpoint(ckpt, out / "last.pth")
-        if improved:
-            save_checkpoint(ckpt, out / "best_model.pth")
-        write_csv(history, out / "history.csv")
-        plot_curves(history, out / "curves.png")
-    best = best if best >= 0 else float("nan")  # no epoch had lesion in validation: no Dice to report
-    print(f"best val Dice {best:.4f}; checkpoints in {out}/ (best_model.pth, last.pth), history.csv, curves.png")
-    return {"best_dice": best, "history": history}
+    check_each_step = checks_loss_each_step(device)
+    saved = None  # the checkpoint to resume from if training stops now, and the epochs it holds
+    if args.resume:
+        saved = (args.resume, start_epoch)
+    where = f"epoch {start_epoch + 1}/{args.epochs} (setting up)"
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            # reseeding per epoch makes shuffling and augmentation independent of where a run was resumed
+            gen.manual_seed(args.seed * 100003 + epoch)
+            torch.manual_seed(args.seed * 100003 + epoch)
+            sampler.set_epoch(epoch)
+            net.train()
+            t0, running, seen = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
+            bad = torch.zeros((), dtype=torch.long, device=device)
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                       disable=None if (args.progress and ctx.is_main) else True)
+            for step, (images, masks) in enumerate(bar, 1):
+                where = f"epoch {epoch + 1}/{args.epochs}, step {step}/{steps}"
+                images = images.to(device, non_blocking=True, memory_format=fmt)
+                masks = masks.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    outputs = net(images)
+                loss = criterion(outputs, masks)
+                # every rank must stop together, or the others would wait forever in the gradient all-reduce
+                if check_each_step and distributed.all_reduce_sum((~torch.isfinite(loss.detach())).float(), ctx) > 0:
+                    raise TrainingDiverged(diverged_message(f"training loss became {float(loss.detach())} at {where}",
+                                                            saved, out, args))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped here
+                scaler.update()
+                scheduler.step()
+                finite = torch.isfinite(loss.detach())  # stays on the device: no sync per step
+                running += torch.where(finite, loss.detach(), 0.0) * len(images)
+                seen += finite * len(images)
+                bad += ~finite
+            where = f"epoch {epoch + 1}/{args.epochs} (validation)"
+            # one sync per epoch: fp16 may skip a few overflowing steps, any other non-finite loss is fatal
+            for t in (running, seen, bad):
+                distributed.all_reduce_sum(t, ctx)
+            n_bad, train_loss = int(bad), float(running) / max(float(seen), 1.0)
+            if n_bad and (not scaler.is_enabled() or n_bad == steps):
+                raise TrainingDiverged(diverged_message(
+                    f"training loss was not finite in {n_bad} of {steps} steps of epoch {epoch + 1}/{args.epochs}",
+                    saved, out, args))
+            if not weights_finite(model):
+                raise TrainingDiverged(diverged_message(
+                    f"the weights stopped being finite in epoch {epoch + 1}/{args.epochs}", saved, out, args))
+            val = validate(net, val_loader, criterion, args.task, device, dtype, fmt=fmt, ctx=ctx)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_dice": val["dice"],
+                   "val_iou": val["iou"], **{f"val_{k}": v for k, v in val.items() if k.endswith("_dice")},
+                   "val_score": val["score"],
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+            history.append(row)
+            log(f"Epoch {epoch + 1}/{args.epochs}\ntrain_loss: {train_loss:.4f} | val_loss: {val['loss']:.4f} | "
+                  f"val_dice: {val['dice']:.4f} | val_iou: {val['iou']:.4f}  ({row['seconds']:.0f}s)", flush=True)
+            improved = val["score"] > best  # see validate(): Dice of what validation holds, else -loss
+            best = max(best, val["score"])
+            ckpt = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "rng": rng_states(gen), "metrics": {k: float(v) for k, v in val.items()}, "best_score": best,
+                    "history": history}
+            where = f"epoch {epoch + 1}/{args.epochs} (saving)"
+            if ctx.is_main:
+                # best before last: a crash between the two redoes this epoch on resume, which rewrites both
+                if improved:
+                    save_checkpoint(ckpt, out / "best_model.pth")
+                save_checkpoint(ckpt, out / "last.pth")
+            saved = (out / "last.pth", epoch + 1)
+            if ctx.is_main:
+                write_csv(history, out / "history.csv")
+                plot_curves(history, out / "curves.png")
+            where = f"after epoch {epoch + 1}/{args.epochs}"
+    except KeyboardInterrupt:
+        # the unfinished epoch is dropped: resuming redoes it from its start, exactly as an unbroken run would
+        if saved is None:
+            raise TrainingInterrupted(f"interrupted at {where}; no epoch had finished, nothing was saved") from None
+        raise TrainingInterrupted(f"interrupted at {where}; {saved[0]} holds epoch {saved[1]}: resume with "
+                                  f"--resume {saved[0]}") from None
+    distributed.barrier(ctx)
+    distributed.cleanup(ctx)
+    best_row = max(history, key=lambda r: r["val_score"]) if history else None
+    best_dice = best_row["val_dice"] if best_row else float("nan")
+    log(f"best val Dice {best_dice:.4f} (epoch {best_row['epoch'] if best_row else '-'}); checkpoints in {out}/ "
+        f"(best_model.pth, last.pth), history.csv, curves.png")
+    return {"best_dice": best_dice, "history": history}
 
 
 if __name__ == "__main__":

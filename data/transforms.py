@@ -210,7 +210,10 @@ def read_image(path: str | Path) -> np.ndarray:
         arr = np.asarray(img)
     else:  # "P", "RGB", "RGBA", "LA", "1", "CMYK", ...
         arr = np.asarray(img.convert("RGB").convert("L"))
-    return arr.astype(np.float32)
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():  # float TIFFs can hold NaN/inf; min-max would blank the whole slice
+        raise InputError(f"{path}: image has {int((~np.isfinite(arr)).sum())} NaN or infinite pixels")
+    return arr
 
 
 def read_mask(path: str | Path) -> np.ndarray:

@@ -145,4 +145,5 @@ def test_untrained_models_start_at_the_foreground_prior(name, num_classes):
     with torch.no_grad():
         logits = model(torch.rand(2, 1, 64, 64))
     probs = torch.sigmoid(logits) if num_classes == 1 else logits.softmax(1)[:, 1:].sum(1, keepdim=True)
-    assert probs.mean().item() == pytest.approx(FOREGROUND_PRIOR, rel=0.05)
+    # near the prior (a zero bias would give 0.5); the random weights of the head spread the logits a little
+    assert probs.mean().item() == pytest.approx(FOREGROUND_PRIOR, rel=0.25)

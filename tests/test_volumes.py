@@ -18,9 +18,11 @@ from tests.script_fixtures import SIZE, phantoms, processed, run_script, run_tra
 from utils.volumes import dice_3d, split_lungs, volume_report
 
 REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct" / "abdomen_ct_small.nii.gz"
-# A briefly trained lung+lesion model, scored on a phantom it trained on: the report's infection
-# percentage must land within this many percentage points of the phantom's ground truth.
-INFECTION_TOLERANCE_POINTS = 10.0
+# A briefly trained lung+lesion model (40 epochs on 16 slices at 64x64), scored on a phantom it trained on:
+# its report's infection percentages (whole, left, right) must land within this many percentage points of
+# the phantom's ground truth (measured: 3.7, 1.5 and 5.7 points), and its lung volume within this fraction.
+INFECTION_TOLERANCE_POINTS = 8.0
+LUNG_VOLUME_TOLERANCE = 0.3
 
 
 def quiet(fn, *args, **kwargs):
@@ -110,31 +112,45 @@ def test_real_ct_volume_round_trip(trained, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lung_lesion_ckpt(processed, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lung_lesion")
-    quiet(run_train, train_argv(processed, out, "--task", "lung+lesion", "--lr", "1e-2", "--sched", "none",
-                                "--no-augment", epochs=10, width=8))
-    return out / "best_model.pth"
+def burdened(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(phantoms, preprocessed folder, lung+lesion checkpoint): phantom seed 2 has two patients with about
+    30% of the lungs infected, large enough for a 64x64 U-Net to learn in 40 short epochs (about 10 s)."""
+    from data.preprocess import preprocess
+    from data.split_data import split_preprocessed
+    from data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("burdened")
+    src, data, out = root / "phantoms", root / "processed", root / "ckpt"
+    generate_dataset(src, patients=4, seed=2, shape=(SIZE, SIZE, 8))
+    preprocess(src, data, size=SIZE, workers=1, progress=False)
+    split_preprocessed(data, val=0.25, test=0.25)
+    quiet(run_train, train_argv(data, out, "--task", "lung+lesion", "--lr", "1e-2", "--sched", "none",
+                                "--no-augment", epochs=40, width=8))
+    return src, data, out / "best_model.pth"
 
 
-def test_infection_percent_of_a_trained_lung_lesion_model_matches_the_phantom(lung_lesion_ckpt, phantoms,
-                                                                              processed, tmp_path):
-    train_case = json.loads((processed / "splits.json").read_text())["train"][0]
+def test_infection_percent_of_a_trained_lung_lesion_model_matches_the_phantom(burdened, tmp_path):
+    phantoms, processed, ckpt = burdened
+    # the training phantom with the most lesion, so the percentages are far from 0
+    train_case = max(json.loads((processed / "splits.json").read_text())["train"],
+                     key=lambda c: np.asarray(nib.load(phantoms / "lesion_masks" / f"{c}.nii.gz").dataobj).astype(bool).sum())
     src = phantoms / "images" / f"{train_case}.nii.gz"
-    quiet(infer.infer, lung_lesion_ckpt, src, tmp_path, device="cpu", progress=False)
+    quiet(infer.infer, ckpt, src, tmp_path, device="cpu", progress=False)
     report = json.loads((tmp_path / f"{train_case}_report.json").read_text())
     img = nib.load(src)
     lesion = to_axial_slices(np.asarray(nib.load(phantoms / "lesion_masks" / f"{train_case}.nii.gz").dataobj), img.affine)
     lung = to_axial_slices(np.asarray(nib.load(phantoms / "lung_masks" / f"{train_case}.nii.gz").dataobj), img.affine)
     truth = volume_report(lesion, lung, img.header.get_zooms())
     assert (tmp_path / f"{train_case}_lung.nii.gz").is_file()
-    assert report["lung_ml"] == pytest.approx(truth["lung_ml"], rel=0.15)
+    assert report["lung_ml"] == pytest.approx(truth["lung_ml"], rel=LUNG_VOLUME_TOLERANCE)
+    assert truth["infection_percent"] > 2 * INFECTION_TOLERANCE_POINTS, truth  # else the check says little
     for key in ("infection_percent", "infection_percent_left", "infection_percent_right"):
         assert abs(report[key] - truth[key]) <= INFECTION_TOLERANCE_POINTS, (key, report[key], truth[key])
 
 
-def test_evaluate_on_volumes_reports_3d_dice_and_infection_error(lung_lesion_ckpt, phantoms, processed, tmp_path):
-    res = quiet(evaluate.evaluate_volumes, lung_lesion_ckpt, phantoms, tmp_path, device="cpu",
+def test_evaluate_on_volumes_reports_3d_dice_and_infection_error(burdened, tmp_path):
+    phantoms, processed, ckpt = burdened
+    res = quiet(evaluate.evaluate_volumes, ckpt, phantoms, tmp_path, device="cpu",
                 splits=processed / "splits.json", split="train", progress=False)
     patients = res["patients"]
     assert [p["case"] for p in patients] == sorted(json.loads((processed / "splits.json").read_text())["train"])

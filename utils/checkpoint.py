@@ -1,53 +1,183 @@
-"""Self-describing checkpoints: saved atomically, loaded with ``weights_only=True`` only."""
+"""Self-describing checkpoints: saved atomically, loaded with ``weights_only=True`` only.
+
+A checkpoint written by train.py is a dict of tensors and plain Python data (str, int, float, bool, None,
+lists, tuples, dicts); nothing in it needs code to unpickle, so every load here refuses anything else.
+"""
 from __future__ import annotations
 
+import os
 import pickle
+import random
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from data.transforms import InputError
-from utils.helpers import atomic_write
+from utils.helpers import atomic_write, temp_path
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous file intact."""
+    """torch.save to a temporary file, flushed to disk, then renamed over ``path``.
+
+    A crash (even SIGKILL) at any moment leaves either the previous file or the new one at ``path``,
+    never half of one; the temporary file of an interrupted write is hidden (``.NAME.tmp-PID``).
+    """
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
+        # without this the rename can reach the disk before the data does, and a power cut would leave an
+        # empty file; one fsync per epoch costs milliseconds
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint on the CPU with ``weights_only=True``: tensors and plain data, never code.
+def safe_load(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with every failure as one InputError.
 
-    Raises InputError for a missing or unreadable file, or one that carries pickled objects.
+    Only tensors and plain data are unpickled: a file carrying pickled objects (which could run code) is
+    refused before any of its code runs.
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found (train one with `python train.py`)")
+        raise InputError(f"{path}: {what} not found" + (" (train one with `python train.py`)"
+                                                         if what == "checkpoint" else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: refused, the checkpoint holds pickled objects beyond tensors and plain data, "
-                         f"which could run code ({first[:160]})") from None
+        # torch reports every weights_only failure as UnpicklingError: a refused global (an object that needs
+        # code to rebuild) is the dangerous case; anything else (a stray byte, a truncated pickle) is damage
+        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error:" in line),
+                      str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        detail = detail.replace("WeightsUnpickler error:", "").strip()
+        refused = re.search(r"GLOBAL (\S+)", detail)
+        if refused:
+            raise InputError(f"{path}: refused, the {what} holds pickled objects beyond tensors and plain data, "
+                             f"which could run code ({refused.group(1)}); nothing of it was run") from None
+        raise InputError(f"{path}: not a readable PyTorch {what}, truncated or corrupt ({detail[:160]})") from None
     except Exception as e:  # truncated zip, not a torch file, ...
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+        raise InputError(f"{path}: not a readable PyTorch {what}, truncated or corrupt "
+                         f"({type(e).__name__}: {str(e).strip()[:160]})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint of this repository on the CPU with ``weights_only=True``: tensors and plain data.
+
+    Raises InputError for a missing, truncated or unreadable file, one that carries pickled objects, or
+    one that is not a checkpoint written by train.py.
+    """
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise InputError(f"{path}: not a checkpoint of this repository (no 'model'/'model_config'; "
-                         f"found {sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+                         f"found {sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+    config = ckpt["model_config"]
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str) or not isinstance(ckpt["model"], dict):
+        raise InputError(f"{path}: damaged checkpoint: model_config is {config!r}, expected a dict with a model 'name'")
     return ckpt
 
 
+def _describe_mismatch(held: dict, wanted: dict) -> str:
+    """What a state dict holds that a model does not take: shape mismatches, then missing/unexpected keys."""
+    parts = []
+    for key in wanted:
+        if key in held and hasattr(held[key], "shape") and tuple(held[key].shape) != tuple(wanted[key].shape):
+            parts.append(f"{key} is {tuple(held[key].shape)} in the checkpoint, "
+                         f"{tuple(wanted[key].shape)} in the model")
+    missing = [k for k in wanted if k not in held]
+    unexpected = [k for k in held if k not in wanted]
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing from the checkpoint ({', '.join(missing[:2])}"
+                     f"{', ...' if len(missing) > 2 else ''})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) the model has no place for ({', '.join(unexpected[:2])}"
+                     f"{', ...' if len(unexpected) > 2 else ''})")
+    return "; ".join(parts[:3]) + ("; ..." if len(parts) > 3 else "")
+
+
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (strictly)."""
+    """Rebuild the model a checkpoint describes and load its weights (strictly).
+
+    Raises InputError naming what the checkpoint holds when its description or its weights do not make a
+    model of this repository.
+    """
     from models import build_model
 
     config = dict(ckpt["model_config"])
     name = config.pop("name")
-    model = build_model(name, **config)
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise InputError(f"{path}: weights do not fit {name} {config}: {str(e).splitlines()[1:2]}") from None
+        model = build_model(name, **config)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: describes a model this code cannot build ({name} {config}): {e}") from None
+    state = ckpt["model"]
+    wanted = model.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: its 'model' entry is not a state dict of tensors")
+    problem = _describe_mismatch(state, wanted)
+    if problem:
+        raise InputError(f"{path}: holds weights that do not fit the {name} {config} it describes: {problem}")
+    model.load_state_dict(state)
     return model
+
+
+# ----------------------------------------------------------------------------- RNG states
+def rng_states(generator: torch.Generator | None = None) -> dict:
+    """Every random number generator training draws from, as tensors and plain data (weights_only-safe).
+
+    torch CPU and CUDA states, Python's ``random``, NumPy's legacy global state, and ``generator`` (the
+    DataLoader's) when given. NumPy's key array is stored as a list of ints: arrays need pickled code.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+    if generator is not None:
+        states["generator"] = generator.get_state()
+    return states
+
+
+def restore_rng_states(states: dict, generator: torch.Generator | None = None) -> None:
+    """Put back what :func:`rng_states` saved (CUDA states for as many devices as both runs have)."""
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if states.get("cuda") and torch.cuda.is_available():
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+    if generator is not None and states.get("generator") is not None:
+        generator.set_state(states["generator"])
+
+
+# ----------------------------------------------------------------------------- leftovers of killed runs
+def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files a killed process left beside ``names`` in ``folder``.
+
+    Only files of processes that are no longer running are removed (a live writer's file is its own).
+    Returns the paths removed.
+    """
+    folder, removed = Path(folder), []
+    for name in names:
+        prefix = temp_path(folder / name).name.rsplit("-", 1)[0] + "-"  # ".last.pth.tmp-"
+        for tmp in folder.glob(f"{prefix}*"):
+            pid = tmp.name[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

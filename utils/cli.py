@@ -1,4 +1,8 @@
-"""Command-line plumbing shared by the scripts: bad input is one clear line, not a traceback."""
+"""Command-line plumbing shared by the scripts: bad input is one clear line, not a traceback.
+
+Exit codes: 0 done; 1 an error the user can fix (bad input, a full disk, training that diverged), shown as
+one ``error: ...`` line; 130 interrupted (Ctrl-C). Anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,24 +14,31 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
             argv: list[str] | None = None) -> None:
     """Parse arguments and run ``main``; errors the user can fix print as ``error: ...`` and exit 1.
 
-    User-input errors are ValueError (data.transforms.InputError among them) and OSError.
+    User errors are ValueError (data.transforms.InputError among them), OSError (missing file, full disk,
+    read-only folder) and FloatingPointError (train.py's diverged loss). Ctrl-C prints the interrupt's
+    message (train.py says where it stopped and how to resume) and exits 130. Any other exception is a
+    bug: it propagates with its traceback.
 
-    ``--debug`` (when the parser has it) shows the full traceback instead.
+    ``--debug`` (when the parser has it) shows the full traceback of user errors too.
     """
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         main(args)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        if getattr(args, "debug", False):
+    except (ValueError, FloatingPointError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as e:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, read-only file system, ...
-        if getattr(args, "debug", False):
+        if debug:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)

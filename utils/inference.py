@@ -21,10 +21,11 @@ def class_probs(logits: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
         (name,) = TASK_OUTPUTS[task]
         return {name: torch.sigmoid(logits[:, 0])}
     p = torch.softmax(logits, dim=1)
+    foreground = 1 - p[:, 0]  # not p[:, 1:].sum(1), whose rounding can exceed 1
     if task == "lung+lesion":
-        return {"lung": p[:, 1:].sum(1), "lesion": p[:, 2]}
+        return {"lung": foreground, "lesion": p[:, 2]}
     (name,) = TASK_OUTPUTS[task]
-    return {name: p[:, 1:].sum(1)}
+    return {name: foreground}
 
 
 def class_targets(target: torch.Tensor, task: str) -> dict[str, torch.Tensor]:

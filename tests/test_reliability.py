@@ -1,0 +1,506 @@
+"""Crash safety and safe loading: real training processes killed at chosen and random moments, Ctrl-C,
+NaN losses, checkpoints carrying pickled code, and tampered or truncated checkpoints.
+
+The counts quoted in docs/RELIABILITY.md come from the constants here (KILLS, TRUNCATION_POINTS).
+Subprocesses run with one thread each: bitwise equality is claimed for a fixed thread count, and two
+training processes on a 2-core machine would otherwise fight over the cores.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from data.transforms import InputError
+from tests.script_fixtures import REPO, processed, run_train, train_argv, trained  # noqa: F401
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, safe_load, save_checkpoint
+from utils.cli import run_cli
+
+EPOCHS = 12  # enough that the chain of kills below never reaches the end by accident
+# (kind of crash, ...): after-checkpoint = right after the epoch-2 checkpoint; mid-write = a few ms after a
+# checkpoint's temporary file appears (writes are slowed to ~50 ms); random = a random moment of training
+# (within two epochs' time of the run's start)
+KILLS = ("after-checkpoint", "mid-write", "random", "mid-write", "random")
+TRUNCATION_POINTS = 64  # prefixes of a real checkpoint that must all be refused
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# train.py with torch.save writing in 64 KiB chunks 2 ms apart, so a kill can land inside a checkpoint
+# write; the bytes written and everything else (atomic rename, fsync, resume) are the real ones
+SLOW_WRITER = r"""
+import io, os, sys, time
+import torch
+_save = torch.save
+def slow_save(obj, f, *args, **kwargs):
+    if not isinstance(f, (str, os.PathLike)):
+        return _save(obj, f, *args, **kwargs)
+    buf = io.BytesIO()
+    _save(obj, buf, *args, **kwargs)
+    data = buf.getvalue()
+    with open(f, "wb") as out:
+        for i in range(0, len(data), 1 << 16):
+            out.write(data[i:i + (1 << 16)])
+            out.flush()
+            time.sleep(0.002)
+torch.save = slow_save
+import train
+from utils.cli import run_cli
+run_cli(train.main, train.get_args_parser(), sys.argv[1:])
+"""
+
+
+def crash_argv(data, out, *extra: str) -> list[str]:
+    """The run every crash test repeats: cosine schedule, augmentation on, deterministic, default --amp."""
+    return train_argv(data, out, "--deterministic", "--seed", "0", "--lr", "3e-3", *extra, epochs=EPOCHS)
+
+
+_launched: list[subprocess.Popen] = []
+
+
+def launch(argv: list[str], log: Path, slow: bool = False) -> subprocess.Popen:
+    """Start train.py (or train.py with slow checkpoint writes) with stdout/stderr in LOG.out/LOG.err."""
+    cmd = [sys.executable, "-c", SLOW_WRITER, *argv] if slow else [sys.executable, "train.py", *argv]
+    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=err)
+    _launched.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """A failing test must not leave its training process running."""
+    yield
+    while _launched:
+        proc = _launched.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Poll every millisecond until ``condition()``; False if the process ended first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return bool(condition())
+        time.sleep(0.001)
+    proc.kill()
+    raise AssertionError(f"timed out waiting on {proc.args[:3]}")
+
+
+def history_rows(out: Path) -> int:
+    try:
+        with open(out / "history.csv", newline="") as f:
+            return len(list(csv.DictReader(f)))
+    except FileNotFoundError:
+        return 0
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bitwise-equal weights, optimizer moments, schedule, RNG states and history (timings aside)."""
+    assert a["epoch"] == b["epoch"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), f"weights differ at {key}"
+    for (i, sa), (j, sb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
+        assert i == j and sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), f"optimizer {key} of {i} differs"
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["numpy"] == b["rng"]["numpy"]
+    strip = [[{k: v for k, v in row.items() if k != "seconds"} for row in ckpt["history"]] for ckpt in (a, b)]
+    assert strip[0] == strip[1]
+
+
+def assert_outputs_loadable(out: Path) -> None:
+    """What a crash may leave: complete checkpoints under their names, hidden temporary files beside them."""
+    for pth in out.glob("*.pth"):
+        assert not pth.name.startswith("."), pth
+        ckpt = torch.load(pth, map_location="cpu", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+        load_checkpoint(pth)
+    for tmp in out.glob(".*.tmp-*"):  # hidden, and never named like a checkpoint
+        assert tmp.name.startswith(".") and not tmp.name.endswith(".pth"), tmp
+    if (out / "history.csv").exists():
+        history_rows(out)  # parses
+
+
+@pytest.fixture(scope="module")
+def reference(processed, tmp_path_factory) -> dict:
+    """The final last.pth of an uninterrupted run with the crash tests' arguments."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = launch(crash_argv(processed, out), out / "run")
+    assert proc.wait(timeout=300) == 0, (out / "run.err").read_text()
+    return torch.load(out / "last.pth", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- SIGKILL, resume
+def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(processed, reference, tmp_path):
+    out, rng, done = tmp_path / "out", random.Random(0), []
+    # a random moment within the next two epochs, so that the kills never run out of epochs on a fast machine
+    span = 2 * max(row["seconds"] for row in reference["history"])
+    for i, kind in enumerate(KILLS):
+        argv = crash_argv(processed, out, *(["--resume", str(out / "last.pth")] if (out / "last.pth").exists() else []))
+        proc = launch(argv, tmp_path / f"run{i}", slow=kind == "mid-write")
+        if kind == "after-checkpoint":
+            assert wait_for(lambda: history_rows(out) >= 2, proc)
+        elif kind == "mid-write":
+            temps = [out / f".{name}.tmp-{proc.pid}" for name in ("last.pth", "best_model.pth")]
+            assert wait_for(lambda: any(t.exists() for t in temps), proc)
+            time.sleep(rng.uniform(0.0, 0.03))
+        else:
+            log = (tmp_path / f"run{i}").with_suffix(".out")
+            assert wait_for(lambda: "parameters" in log.read_text(), proc)  # set up, training starts
+            time.sleep(rng.uniform(0.0, span))
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, f"kill {i} ({kind}): the run ended on its own first"
+        left = sorted(p.name for p in out.glob(f".*.tmp-{proc.pid}"))
+        done.append((kind, left))
+        assert_outputs_loadable(out)
+        assert (out / "last.pth").exists(), f"kill {i} ({kind}) came before the first checkpoint"
+        if kind == "after-checkpoint":
+            assert load_checkpoint(out / "last.pth")["epoch"] >= 1
+    assert any(left for kind, left in done if kind == "mid-write"), f"no kill landed inside a write: {done}"
+
+    proc = launch(crash_argv(processed, out, "--resume", str(out / "last.pth")), tmp_path / "final")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "final.err").read_text()
+    assert not list(out.glob(".*.tmp-*")), "stale temporary files of killed runs were not cleaned up"
+    assert_same_training_state(torch.load(out / "last.pth", weights_only=True), reference)
+
+
+def test_truncated_checkpoints_are_refused_never_half_loaded(trained, tmp_path):
+    data = (trained["out"] / "last.pth").read_bytes()
+    cuts = sorted({0, 1, len(data) - 1, *random.Random(0).sample(range(2, len(data) - 1), TRUNCATION_POINTS - 3)})
+    assert len(cuts) == TRUNCATION_POINTS
+    path = tmp_path / "cut.pth"
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        with pytest.raises(InputError, match=r"cut\.pth: not a readable PyTorch checkpoint, truncated"):
+            load_checkpoint(path)
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch):
+    """A full disk mid-write: the old file stays byte for byte, no temporary file is left behind."""
+    path = tmp_path / "last.pth"
+    path.write_bytes((trained["out"] / "last.pth").read_bytes())
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"model": {}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_full_disk_during_training_is_one_line(processed, tmp_path, monkeypatch, capsys):
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, epochs=1))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert not list(tmp_path.glob("*.pth")) and not list(tmp_path.glob(".*"))
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+def test_sigint_stops_cleanly_and_says_how_to_resume(processed, tmp_path):
+    out = tmp_path / "out"
+    proc = launch(crash_argv(processed, out), tmp_path / "run")
+    assert wait_for(lambda: history_rows(out) >= 1, proc)
+    time.sleep(0.15)  # into the next epoch's training steps
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = (tmp_path / "run.err").read_text()
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    m = re.fullmatch(r"interrupted at (?:after )?epoch (\d+)/12.*; (\S+) holds epoch (\d+): "
+                     r"resume with --resume (\S+)", lines[0])
+    assert m, lines[0]
+    assert Path(m.group(2)) == Path(m.group(4)) == out / "last.pth"
+    assert load_checkpoint(out / "last.pth")["epoch"] + 1 == int(m.group(3)) >= 1
+
+
+class _Interrupt:
+    """A criterion wrapper that raises KeyboardInterrupt at training step ``at`` (1-based, over all epochs)."""
+
+    def __init__(self, criterion, at: int):
+        self.criterion, self.at, self.calls = criterion, at, 0
+
+    def __call__(self, outputs, target):
+        if torch.is_grad_enabled():  # training steps only; validation runs under no_grad
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt
+        return self.criterion(outputs, target)
+
+
+@pytest.mark.parametrize("at,expected", [(2, r"interrupted at epoch 1/2, step 2/4; no epoch had finished, nothing "
+                                                r"was saved"),
+                                         (6, r"interrupted at epoch 2/2, step 2/4; .*last\.pth holds epoch 1: "
+                                             r"resume with --resume .*last\.pth")])
+def test_ctrl_c_message_names_the_step_and_what_is_saved(processed, tmp_path, monkeypatch, capsys, at, expected):
+    get_loss = train.get_loss
+    monkeypatch.setattr(train, "get_loss", lambda *a: _Interrupt(get_loss(*a), at))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=2))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(expected, err[0]), err
+    assert (tmp_path / "last.pth").exists() == (at > 4)
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+class _Poison:
+    """A criterion wrapper whose training loss becomes ``value`` from training step ``at`` on."""
+
+    def __init__(self, criterion, at: int, value: float):
+        self.criterion, self.at, self.value, self.calls = criterion, at, value, 0
+
+    def __call__(self, outputs, target):
+        loss = self.criterion(outputs, target)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls >= self.at:
+                return loss * self.value
+        return loss
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(processed, tmp_path, monkeypatch,
+                                                                             capsys, value):
+    get_loss = train.get_loss
+    monkeypatch.setattr(train, "get_loss", lambda *a: _Poison(get_loss(*a), at=7, value=value))  # epoch 2, step 3
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=3))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"training loss became {value} at epoch 2/3, step 3/4" in err[0]
+    assert "last.pth still holds epoch 1" in err[0] and "--lr" in err[0] and "--amp off" in err[0]
+    ckpt = load_checkpoint(tmp_path / "last.pth")
+    assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1 and history_rows(tmp_path) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    model_from_checkpoint(ckpt)
+
+
+def test_nonfinite_weights_after_the_last_step_are_never_saved(processed, tmp_path, monkeypatch):
+    """The loss of the epoch's last step was finite, but that step's update broke the weights."""
+    class BrokenAdam(torch.optim.Adam):
+        steps = 0
+
+        def step(self, closure=None):
+            result = super().step(closure)
+            BrokenAdam.steps += 1
+            if BrokenAdam.steps == 8:  # the last step of epoch 2
+                next(p for g in self.param_groups for p in g["params"]).data.fill_(math.inf)
+            return result
+
+    monkeypatch.setattr(torch.optim, "Adam", BrokenAdam)
+    with pytest.raises(train.TrainingDiverged, match=r"weights stopped being finite in epoch 2/3.*holds epoch 1"):
+        run_train(train_argv(processed, tmp_path, "--no-augment", epochs=3))
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
+
+
+def test_without_per_step_checks_the_epoch_end_check_still_stops_before_saving(processed, tmp_path, monkeypatch):
+    """The GPU path: non-finite losses are counted on the device and read once, at the end of the epoch."""
+    monkeypatch.setattr(train, "checks_loss_each_step", lambda device: False)
+    get_loss = train.get_loss
+    monkeypatch.setattr(train, "get_loss", lambda *a: _Poison(get_loss(*a), at=7, value=math.nan))
+    with pytest.raises(train.TrainingDiverged, match=r"not finite in 2 of 4 steps of epoch 2/3.*holds epoch 1"):
+        run_train(train_argv(processed, tmp_path, "--no-augment", epochs=3))
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
+
+
+# ----------------------------------------------------------------------------- tracebacks: bugs only
+def test_user_errors_are_one_line_but_bugs_keep_their_traceback(processed, tmp_path, monkeypatch, capsys):
+    argv = train_argv(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(SystemExit):
+        run_cli(train.main, train.get_args_parser(), argv)
+    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(InputError, match="no training data"):  # --debug: the traceback of a user error too
+        run_cli(train.main, train.get_args_parser(), [*argv, "--debug"])
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug in validate")
+
+    monkeypatch.setattr(train, "validate", bug)
+    with pytest.raises(ZeroDivisionError, match="a bug"):  # propagates: python prints the traceback
+        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path / "out", epochs=1))
+
+
+# ----------------------------------------------------------------------------- safe loading
+class _Payload:
+    """Unpickling this runs ``exec``: it writes MARKER. Stands in for any malicious pickled object."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
+
+
+@pytest.fixture
+def booby_trapped(trained, tmp_path) -> tuple[Path, Path]:
+    """(a real checkpoint with a pickled payload in its args, the marker file the payload would write)."""
+    marker = tmp_path / "code-ran.txt"
+    ckpt = load_checkpoint(trained["out"] / "last.pth")
+    ckpt["args"]["note"] = _Payload(marker)
+    path = tmp_path / "trapped.pth"
+    torch.save(ckpt, path)
+    return path, marker
+
+
+def test_the_payload_is_live(booby_trapped):
+    """The test file really would run code when loaded unsafely (so the refusals below mean something)."""
+    path, marker = booby_trapped
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+def test_checkpoint_with_pickled_code_is_refused_before_it_runs(booby_trapped):
+    path, marker = booby_trapped
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and "trapped.pth: refused" in message and "exec" in message, message
+    with pytest.raises(InputError, match="refused"):
+        safe_load(path, "backbone weights file")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "infer.py", "evaluate.py"])
+def test_each_script_refuses_pickled_code_in_one_line(booby_trapped, processed, tmp_path, script):
+    path, marker = booby_trapped
+    if script == "train.py":
+        args = crash_argv(processed, tmp_path / "out", "--resume", str(path), "--width", "8")
+    elif script == "infer.py":
+        Image.new("L", (64, 64), 90).save(tmp_path / "slice.png")
+        args = ["--checkpoint", str(path), "--input", str(tmp_path / "slice.png"), "--output",
+                str(tmp_path / "mask.png"), "--device", "cpu"]
+    else:
+        args = ["--checkpoint", str(path), "--data", str(processed), "--out", str(tmp_path / "eval"), "--device", "cpu",
+                "--no-progress"]
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: refused"), proc.stderr
+    assert not marker.exists()
+
+
+def test_backbone_weights_with_pickled_code_are_refused(booby_trapped, processed, tmp_path, capsys):
+    path, marker = booby_trapped
+    argv = train_argv(processed, tmp_path, "--model", "deeplabv3", "--backbone-weights", str(path))
+    with pytest.raises(SystemExit):
+        run_cli(train.main, train.get_args_parser(), argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "backbone weights file holds pickled objects" in err[0], err
+    assert not marker.exists()
+
+
+def _loads(tree: ast.AST):
+    """(call node, module) for every torch.load / np.load / pickle.load(s) call in a parsed file."""
+    for node in ast.walk(tree):
+        func = getattr(node, "func", None)
+        if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            module, name = func.value.id, func.attr
+            if (module, name) in {("torch", "load"), ("np", "load"), ("numpy", "load"), ("pickle", "load"),
+                                  ("pickle", "loads")}:
+                yield node, module
+
+
+def test_every_load_in_the_code_refuses_pickled_code():
+    """torch.load always with weights_only=True, np.load never with allow_pickle=True, no pickle.load at all."""
+    sources = [p for p in REPO.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    torch_loads = 0
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in ("torch", "pickle", "numpy"):
+                assert not {a.name for a in node.names} & {"load", "loads"}, f"{path}: imports a bare load"
+        for call, module in _loads(tree):
+            where = f"{path.relative_to(REPO)}:{call.lineno}"
+            keywords = {k.arg: k.value for k in call.keywords}
+            if module == "torch":
+                torch_loads += 1
+                flag = keywords.get("weights_only")
+                assert isinstance(flag, ast.Constant) and flag.value is True, f"{where}: no weights_only=True"
+            elif module == "pickle":
+                raise AssertionError(f"{where}: pickle.load runs code from the file")
+            else:
+                flag = keywords.get("allow_pickle")
+                assert flag is None or (isinstance(flag, ast.Constant) and not flag.value), f"{where}: allow_pickle"
+    assert torch_loads >= 2  # utils/checkpoint.py and models/deeplabv3.py at least
+
+
+# ----------------------------------------------------------------------------- mismatches
+def test_tampered_weights_say_what_the_checkpoint_holds(trained):
+    ckpt = load_checkpoint(trained["out"] / "last.pth")
+    first = next(iter(ckpt["model"]))
+    shape = tuple(ckpt["model"][first].shape)
+
+    wrong = {**ckpt, "model": {**ckpt["model"], first: torch.zeros(3, *shape[1:])}}
+    with pytest.raises(InputError, match=rf"holds weights that do not fit the unet .*'width': 8.*{first} is "
+                                         rf"\(3, {shape[1]}, .*in the checkpoint, \({shape[0]}, .* in the model"):
+        model_from_checkpoint(wrong, "ck.pth")
+    missing = {**ckpt, "model": {k: v for k, v in ckpt["model"].items() if k != first}}
+    with pytest.raises(InputError, match=rf"1 weight\(s\) missing from the checkpoint \({first}\)"):
+        model_from_checkpoint(missing)
+    extra = {**ckpt, "model": {**ckpt["model"], "head.extra": torch.zeros(1)}}
+    with pytest.raises(InputError, match=r"no place for \(head\.extra\)"):
+        model_from_checkpoint(extra)
+    unknown = {**ckpt, "model_config": {**ckpt["model_config"], "depth": 9}}
+    with pytest.raises(InputError, match=r"describes a model this code cannot build .*depth"):
+        model_from_checkpoint(unknown)
+
+
+def test_resume_from_a_weights_only_file_says_what_is_missing(trained, processed, tmp_path):
+    ckpt = load_checkpoint(trained["out"] / "last.pth")
+    for key in ("optimizer", "scheduler"):
+        del ckpt[key]
+    torch.save(ckpt, tmp_path / "slim.pth")
+    with pytest.raises(InputError, match=r"slim\.pth: cannot resume from it, it lacks \['optimizer', 'scheduler'\]"):
+        run_train(train_argv(processed, tmp_path / "out", "--resume", str(tmp_path / "slim.pth"), width=8))
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import numpy as np
+
+    from utils.checkpoint import restore_rng_states, rng_states
+
+    gen = torch.Generator().manual_seed(5)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save({"rng": rng_states(gen)}, tmp_path / "rng.pth")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, generator=gen)))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    gen.manual_seed(9)
+    restore_rng_states(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"], gen)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, generator=gen))) \
+        == expected
+
