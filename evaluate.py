@@ -26,6 +26,7 @@ from tqdm import tqdm
 from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
 from data.transforms import (InputError, is_nifti, load_nifti, read_mask, read_volume_data, resize_images,
                              to_axial_slices, voxel_spacing)
+from utils.cli import add_runtime_args
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.helpers import amp_dtype, atomic_write, plot_cases, resolve_device, write_csv
 from utils.inference import inference_model, class_targets, predict
@@ -286,11 +287,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default=None, help="volumes only: splits.json whose --split cases to score")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return p
+    return add_runtime_args(p)
 
 
 def main(args: argparse.Namespace) -> dict:

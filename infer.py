@@ -23,6 +23,7 @@ from tqdm import tqdm
 from data.transforms import (IMAGE_SUFFIXES, InputError, case_name, from_axial_slices, is_nifti,
                              load_image_slice, load_nifti, nifti_gz_bytes, prepare_slices, read_image, read_volume_data,
                              resize_images, resize_masks, to_axial_slices, voxel_spacing)
+from utils.cli import add_runtime_args
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.helpers import amp_dtype, atomic_write, mask_to_png, overlay, resolve_device, save_png, write_csv
 from utils.volumes import volume_report
@@ -210,11 +211,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mask file for one slice (default prediction_mask.png), else a folder (default predictions/)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return p
+    return add_runtime_args(p)
 
 
 def main(args: argparse.Namespace) -> list[Path]:

@@ -41,6 +41,7 @@ from data.dataset import (TASK_CLASSES, TASKS, PairAugment, PairFolderDataset, S
                           find_pair_dirs, pair_files)
 from data.transforms import InputError, make_preprocessing  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
+from utils.cli import add_runtime_args  # noqa: E402
 from utils.checkpoint import (load_checkpoint, remove_stale_temp_files, restore_rng_states, rng_states,  # noqa: E402
                               safe_load, save_checkpoint)
 from utils.helpers import (amp_dtype, autocast, plot_curves, resolve_device, seed_everything,  # noqa: E402
@@ -198,11 +199,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="input side for image-mask pair folders")
     p.add_argument("--val-fraction", type=float, default=0.15, help="pair folders without a val part: held-out share")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="turn off flips/rotations/intensity jitter")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision: auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory layout (with bf16: ~3.7x faster U-Net training on an AVX-512 CPU)")
+                   help="NHWC memory layout (with bf16 on an AMX CPU: U-Net training 2.4x faster than NCHW)")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun on GPUs: batch-norm statistics over all processes")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 4 on CUDA)")
@@ -210,9 +208,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (e.g. OUT/last.pth)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return p
+    return add_runtime_args(p)
 
 
 def main(args: argparse.Namespace) -> dict:

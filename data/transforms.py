@@ -21,6 +21,7 @@ DEFAULT_WINDOW = (-1000.0, 400.0)  # HU: air to dense soft tissue; keeps GGO (-7
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_IMAGE_SIDE = 8192  # refuse larger 2D images instead of exhausting memory (a CT slice is 512)
+MAX_VOLUME_VOXELS = 2048 * 2048 * 2048 // 8  # 1.07e9 voxels, 4 GiB as float32 (a 512x512x1000 CT is 0.26e9)
 MASK_LABEL_MAX = 10  # masks whose values are all <= this are label maps (0/1/2...), not 0/255 images
 
 
@@ -122,6 +123,9 @@ def load_nifti(path: str | Path, kind: str = "image"):
         raise InputError(f"{path}: {kind} must be a 3D volume, got shape {tuple(shape)}")
     if min(img.shape) < 1:
         raise InputError(f"{path}: {kind} has an empty dimension, shape {tuple(img.shape)}")
+    if np.prod(img.shape, dtype=np.float64) > MAX_VOLUME_VOXELS:
+        raise InputError(f"{path}: {kind} is {'x'.join(map(str, img.shape))} voxels, more than the "
+                         f"{MAX_VOLUME_VOXELS:.3g}-voxel limit")
     return img
 
 

@@ -42,3 +42,14 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
             raise
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every model script shares: where to run, in what precision, how talkative."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision: auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
