@@ -226,16 +226,18 @@ def test_full_disk_during_training_is_one_line(processed, tmp_path, monkeypatch,
 # ----------------------------------------------------------------------------- Ctrl-C
 def test_sigint_stops_cleanly_and_says_how_to_resume(processed, tmp_path):
     out = tmp_path / "out"
-    proc = launch(crash_argv(processed, out), tmp_path / "run")
+    # 500 epochs: long enough that a loaded machine cannot finish the run before the signal lands
+    proc = launch(crash_argv(processed, out, "--epochs", "500"), tmp_path / "run")
     assert wait_for(lambda: history_rows(out) >= 1, proc)
     time.sleep(0.15)  # into the next epoch's training steps
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     err = (tmp_path / "run.err").read_text()
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    m = re.fullmatch(r"interrupted at (?:after )?epoch (\d+)/12.*; (\S+) holds epoch (\d+): "
+    m = re.fullmatch(r"interrupted at (?:after )?epoch (\d+)/500.*; (\S+) holds epoch (\d+): "
                      r"resume with --resume (\S+)", lines[0])
     assert m, lines[0]
     assert Path(m.group(2)) == Path(m.group(4)) == out / "last.pth"
