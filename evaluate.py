@@ -30,10 +30,20 @@ from utils.cli import add_runtime_args
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.helpers import amp_dtype, atomic_write, plot_cases, resolve_device, write_csv
 from utils.inference import inference_model, class_targets, predict
-from utils.metrics import SegmentationMeter, metrics_from_counts
+from utils.metrics import SegmentationMeter, metrics_from_counts, threshold_averaged_dice
 from utils.volumes import dice_3d, volume_report
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy", "f1")
+# Scores of the probability map itself, as the Inf-Net paper reports them (Fan et al., IEEE TMI 2020)
+MAP_METRICS = ("dice_threshold_averaged", "mae")
+
+
+def _map_scores(prob: torch.Tensor, target: torch.Tensor) -> dict:
+    """Inf-Net's threshold-averaged Dice (nan on an empty ground truth, like Dice) and the mean absolute
+    error between probability map and ground truth, for one image (H, W)."""
+    truth = target.float().cpu()
+    return {"dice_threshold_averaged": threshold_averaged_dice(prob.cpu(), truth) if truth.any() else float("nan"),
+            "mae": float((prob.float().cpu() - truth).abs().mean())}
 
 
 def load_eval_dataset(data: str | Path, split: str, ckpt: dict):
@@ -113,6 +123,10 @@ def format_table(name: str, res: dict) -> str:
             cells.append(f"{m['mean']:.4f} ± {m['sd']:.4f} (n={m['n']})")
         lines.append(f"{k:<12}" + "".join(f"{c:>26}" for c in cells))
     lines.append(f"{'auc':<12}{res['auc']:>26.4f}")
+    for key in MAP_METRICS:
+        if key in res["per_image"]:
+            m = res["per_image"][key]
+            lines.append(f"{key:<24}{'':>14}{m['mean']:.4f} ± {m['sd']:.4f} (n={m['n']})   (Inf-Net's measures)")
     e = res["empty_gt"]
     if e["n"]:
         lines.append(f"lesion-free slices: {e['n']}, {e['n_with_false_positive']} with a false-positive pixel "
@@ -135,6 +149,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     names = list(class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task))
     meters = {n: SegmentationMeter() for n in names}
     main = "lesion" if "lesion" in names else "lung"
+    extras = []  # per image of the main structure: threshold-averaged Dice and MAE of the probability map
     for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", unit="batch", disable=None if progress else True):
         idx = list(range(start, min(start + batch_size, len(ds))))
         if pairs:
@@ -151,21 +166,28 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
                 prob = resize_images(probs[main][j:j + 1], shape).clamp_(0, 1)
                 target = torch.from_numpy(read_mask(ds.pairs[i][1]))[None]
                 meters[main].update(prob, target, threshold)
+                extras.append(_map_scores(prob[0], target[0]))
         else:
             targets = class_targets(masks, task)
             for n in names:
                 meters[n].update(probs[n], targets[n], threshold, cases)
+            extras.extend(_map_scores(p, t) for p, t in zip(probs[main], targets[main]))
 
     results = {"checkpoint": str(checkpoint), "data": str(data), "split": None if pairs else split,
                "threshold": threshold, "task": task, "structures": {}}
     per_image_rows = []
     for n in names:
         res, images = aggregate(meters[n])
+        if n == main:
+            for r, e in zip(images, extras):
+                r.update(e)
+            for key in MAP_METRICS:
+                res["per_image"][key] = dict(zip(("mean", "sd", "n"), _mean_sd(images, key)))
         results["structures"][n] = res
         for i, r in enumerate(images):
             row = {"index": i, "structure": n, "case": ds.case_of(i),
                    "file": str(ds.pairs[i][0]) if pairs else "", "z": "" if pairs else ds.meta["slices"][ds.rows[i]]["z"]}
-            row.update({k: r[k] for k in ("empty_gt", "tp", "fp", "fn", "tn") + METRICS})
+            row.update({k: r.get(k, "") for k in ("empty_gt", "tp", "fp", "fn", "tn") + METRICS + MAP_METRICS})
             per_image_rows.append(row)
         print(format_table(n, res))
 

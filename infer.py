@@ -31,38 +31,51 @@ from utils.inference import inference_model, predict
 
 
 class Predictor:
-    """A checkpoint's model and input pipeline, ready to predict probability maps.
+    """One checkpoint's model, or several averaged, with their input pipeline, ready to predict.
 
     Args:
-        checkpoint: path to a .pth written by train.py.
+        checkpoints: a .pth written by train.py, or a list of them (an ensemble: probabilities are averaged;
+            they must share the task and the preprocessing).
         device: "auto", "cpu" or "cuda".
         amp: autocast policy (see utils.helpers.amp_dtype).
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", amp: str = "auto", batch_size: int = 8):
-        self.ckpt = load_checkpoint(checkpoint)
+    def __init__(self, checkpoints, device: str = "auto", amp: str = "auto", batch_size: int = 8):
+        paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+        if not paths:
+            raise InputError("no checkpoint given")
+        ckpts = [load_checkpoint(p) for p in paths]
+        self.ckpt = ckpts[0]
         self.task, self.prep = self.ckpt["task"], self.ckpt["preprocessing"]
+        for path, c in zip(paths[1:], ckpts[1:]):
+            if c["task"] != self.task or c["preprocessing"] != self.prep:
+                raise InputError(f"{path}: predicts {c['task']!r} from {c['preprocessing']}, but {paths[0]} predicts "
+                                 f"{self.task!r} from {self.prep}; only checkpoints that agree can be averaged")
         self.device = resolve_device(device)
         self.dtype = amp_dtype(self.device, amp)
-        self.model = inference_model(model_from_checkpoint(self.ckpt, checkpoint), self.device)
+        self.models = [inference_model(model_from_checkpoint(c, p), self.device) for c, p in zip(ckpts, paths)]
         self.batch_size = batch_size
 
     def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Probability maps for preprocessed slices (N, S, S), predicted in batches; {name: (N, S, S) on CPU}."""
-        chunks = [predict(self.model, images[i:i + self.batch_size, None], self.task, self.device, self.dtype)
-                  for i in range(0, len(images), self.batch_size)]
-        return {k: torch.cat([c[k].float().cpu() for c in chunks]) for k in chunks[0]}
+        """Probability maps for preprocessed slices (N, S, S), predicted in batches and averaged over the
+        models; {name: (N, S, S) float32 on CPU}."""
+        batches = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size, None]
+            per_model = [predict(m, batch, self.task, self.device, self.dtype) for m in self.models]
+            batches.append({k: torch.stack([p[k].float() for p in per_model]).mean(0).cpu() for k in per_model[0]})
+        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
-    def predict_images(self, paths: list[Path], threshold: float = 0.5):
-        """Yield (path, image (H, W) float32, {name: mask (H, W) uint8 {0,1}}) for 2D image files."""
+    def predict_images(self, paths: list[Path]):
+        """Yield (path, image (H, W) float32, {name: probability map (H, W) float32}) for 2D image files,
+        the probabilities resized back to each image's own size."""
         for start in range(0, len(paths), self.batch_size):
             batch = paths[start:start + self.batch_size]
             loaded = [load_image_slice(p, self.prep) for p in batch]
             probs = self.probs(torch.stack([img for img, _ in loaded]))
             for j, (path, (_, shape)) in enumerate(zip(batch, loaded)):
-                masks = {k: (resize_images(v[j:j + 1], shape)[0] > threshold).numpy().astype(np.uint8)
-                         for k, v in probs.items()}
-                yield path, read_image(path), masks
+                yield path, read_image(path), {k: resize_images(v[j:j + 1], shape)[0].clamp_(0, 1).numpy()
+                                               for k, v in probs.items()}
 
     def predict_volume(self, path: Path, threshold: float = 0.5):
         """Predict a NIfTI volume.
@@ -123,7 +136,8 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
             path = out / f"{case}_{name}.nii.gz"
             save_nifti_mask(from_axial_slices(mask, img.affine).reshape(file_shape), img, path)
             written.append(path)
-        report = {"case": case, "file": str(vol), "checkpoint": str(checkpoint), "threshold": threshold,
+        report = {"case": case, "file": str(vol), "threshold": threshold,
+                  "checkpoint": [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else str(checkpoint),
                   "shape": [int(v) for v in file_shape], "spacing_mm": voxel_spacing(img),
                   **volume_report(masks.get("lesion"), masks.get("lung"), voxel_spacing(img))}
         if "lung" not in masks:
@@ -157,10 +171,14 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def infer(checkpoint: str | Path, input: str | Path, output: str | Path | None = None, threshold: float = 0.5,
-          device: str = "auto", amp: str = "auto", batch_size: int = 8, progress: bool = True) -> list[Path]:
+def infer(checkpoint, input: str | Path, output: str | Path | None = None, threshold: float = 0.5,
+          device: str = "auto", amp: str = "auto", batch_size: int = 8, progress: bool = True,
+          save_probs: str | Path | None = None) -> list[Path]:
     """Predict masks for an image, a folder of images, a NIfTI volume or a folder of volumes.
 
+    Args:
+        checkpoint: one checkpoint path or a list of them (their probabilities are averaged).
+        save_probs: for 2D images, also write 8-bit probability maps (0-255) named like the masks here.
     Returns the written mask paths.
     """
     src = Path(input)
@@ -190,13 +208,18 @@ def infer(checkpoint: str | Path, input: str | Path, output: str | Path | None =
         paths = _image_files(src)
         out_dir = Path(output) if output else Path("predictions")
         (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    for path, image, masks in tqdm(predictor.predict_images(paths, threshold), total=len(paths), desc="infer",
+    if save_probs:
+        Path(save_probs).mkdir(parents=True, exist_ok=True)
+    for path, image, probs in tqdm(predictor.predict_images(paths), total=len(paths), desc="infer",
                                    unit="img", disable=True if (not progress or len(paths) == 1) else None):
         mask_path = target if out_dir is None else out_dir / f"{path.stem}.png"
         overlay_path = (mask_path.with_name(mask_path.stem + "_overlay.png") if out_dir is None
                         else out_dir / "overlays" / f"{path.stem}.png")
-        save_png(mask_to_png(masks[main]), mask_path)
-        save_png(overlay(image / max(float(image.max()), 1e-6), masks[main]), overlay_path)
+        mask = (probs[main] > threshold).astype(np.uint8)
+        save_png(mask_to_png(mask), mask_path)
+        save_png(overlay(image / max(float(image.max()), 1e-6), mask), overlay_path)
+        if save_probs:  # 8-bit probability map, 0..255, named like the mask
+            save_png(np.round(probs[main] * 255).astype(np.uint8), Path(save_probs) / mask_path.name)
         written.append(mask_path)
     where = written[0] if out_dir is None else f"{out_dir}/ ({len(written)} masks, overlays in {out_dir}/overlays/)"
     print(f"wrote {where}")
@@ -205,18 +228,21 @@ def infer(checkpoint: str | Path, input: str | Path, output: str | Path | None =
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/best_model.pth")
+    p.add_argument("--checkpoint", nargs="+", default=["checkpoints/best_model.pth"],
+                   help="one checkpoint, or several whose probabilities are averaged (e.g. fold models)")
     p.add_argument("--input", required=True, help="PNG/JPG slice, folder of slices, NIfTI volume or folder of volumes")
     p.add_argument("--output", default=None,
                    help="mask file for one slice (default prediction_mask.png), else a folder (default predictions/)")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--save-probs", default=None, metavar="DIR",
+                   help="slices: also write 8-bit probability maps (0-255) named like the masks to DIR")
     p.add_argument("--batch-size", type=int, default=8)
     return add_runtime_args(p)
 
 
 def main(args: argparse.Namespace) -> list[Path]:
     return infer(args.checkpoint, args.input, args.output, args.threshold, args.device, args.amp,
-                 args.batch_size, args.progress)
+                 args.batch_size, args.progress, args.save_probs)
 
 
 if __name__ == "__main__":

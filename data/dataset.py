@@ -172,17 +172,19 @@ def pair_files(image_dir: str | Path, mask_dir: str | Path) -> list[tuple[Path, 
 def find_pair_dirs(root: str | Path, part: str = "train") -> tuple[Path, Path] | None:
     """The (images, masks) folders of one part of a pair folder, or None when it has no such part.
 
-    Layouts: ``{part}_images/`` + ``{part}_masks/`` (the seed code's), ``{part}/images`` + ``{part}/masks``,
+    Layouts: ``{part}_images/`` + ``{part}_masks/`` (the seed code's), ``{part}/images`` + ``{part}/masks``;
+    and, holding one part only (``part`` is ignored), ``images/`` + ``masks/`` (what data.export_png writes)
     and COVID-SemiSeg's ``Imgs/`` + ``GT/`` (directly under root, or under
-    ``TrainingSet/LungInfection-Train/Doctor-label/``), which holds one part only (``part`` is ignored).
+    ``TrainingSet/LungInfection-Train/Doctor-label/``).
     """
     root = Path(root)
     for img, msk in ((f"{part}_images", f"{part}_masks"), (f"{part}/images", f"{part}/masks")):
         if (root / img).is_dir() and (root / msk).is_dir():
             return root / img, root / msk
-    for base in (root, root / "TrainingSet" / "LungInfection-Train" / "Doctor-label"):
-        if (base / "Imgs").is_dir() and (base / "GT").is_dir():
-            return base / "Imgs", base / "GT"
+    for base, img, msk in ((root, "images", "masks"), (root, "Imgs", "GT"),
+                           (root / "TrainingSet" / "LungInfection-Train" / "Doctor-label", "Imgs", "GT")):
+        if (base / img).is_dir() and (base / msk).is_dir():
+            return base / img, base / msk
     return None
 
 

@@ -154,6 +154,12 @@ def test_folder_of_pairs_is_scored_at_each_mask_size(trained, processed, tmp_pat
     tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn"))
     assert results["structures"]["lesion"]["pooled"]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert "dice" in stdout and (tmp_path / "eval" / "results.json").is_file()
+    # Inf-Net's measures of the probability map, per image, beside ours
+    per_image = results["structures"]["lesion"]["per_image"]
+    tad = [float(r["dice_threshold_averaged"]) for r in rows if r["empty_gt"] == "False"]
+    assert per_image["dice_threshold_averaged"]["mean"] == pytest.approx(np.mean(tad))
+    assert 0 <= per_image["mae"]["mean"] <= 1 and per_image["mae"]["n"] == 3
+    assert "dice_threshold_averaged" in stdout and "mae" in stdout
 
 
 def test_lung_and_lesion_checkpoint_scores_both_structures(processed, tmp_path):

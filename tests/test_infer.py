@@ -239,3 +239,41 @@ def test_truncated_image_in_a_folder_names_the_file(checkpoint, ct, tmp_path, ca
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2.png" in err[0], err
+
+
+# ----------------------------------------------------------------------------- ensembles and probability maps
+def _perturbed_copy(checkpoint, path, scale=0.05):
+    from utils.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    gen = torch.Generator().manual_seed(1)
+    ckpt["model"] = {k: v + scale * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                     for k, v in ckpt["model"].items()}
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def test_several_checkpoints_average_their_probabilities(checkpoint, ct, tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    save_slice(ct, folder / "18.jpg", "L", (70, 50))
+    other = _perturbed_copy(checkpoint, tmp_path / "other.pth")
+    maps = {}
+    for name, ckpts in (("a", [checkpoint]), ("b", [other]), ("ab", [checkpoint, other])):
+        written = run_infer(ckpts, folder, tmp_path / name, amp="off", save_probs=tmp_path / f"p_{name}")
+        assert written == [tmp_path / name / "18.png"]
+        maps[name] = read_png(tmp_path / f"p_{name}" / "18.png").astype(float)
+        assert maps[name].shape == (50, 70)  # probability maps at the input's size, named like the mask
+    assert not np.array_equal(maps["a"], maps["b"])  # the perturbed model predicts differently
+    # the ensemble's 8-bit map is the mean of the two (each rounded to 1/255 once)
+    assert np.abs(maps["ab"] - (maps["a"] + maps["b"]) / 2).max() <= 1.0
+
+
+def test_checkpoints_that_disagree_are_not_averaged(checkpoint, tmp_path, processed):
+    from utils.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["preprocessing"] = {**ckpt["preprocessing"], "size": 128}
+    save_checkpoint(ckpt, tmp_path / "bigger.pth")
+    with pytest.raises(InputError, match="only checkpoints that agree can be averaged"):
+        infer.Predictor([checkpoint, tmp_path / "bigger.pth"], "cpu")

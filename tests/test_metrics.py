@@ -173,3 +173,15 @@ def test_metric_properties(pair):
     for row in forward.per_image():
         assert row["empty_gt"] == (row["tp"] + row["fn"] == 0)
         assert math.isnan(row["dice"]) or 0.0 <= row["dice"] <= 1.0
+
+
+def test_threshold_averaged_dice_by_hand():
+    from utils.metrics import threshold_averaged_dice
+
+    # values 0, 0.5, 1 scaled by 255: 0, 127.5, 255. Thresholds k = 0..127 predict {0.5, 1} (Dice 1),
+    # k = 128..254 predict {1} (Dice 2/3), k = 255 predicts nothing (Dice 0).
+    prob, target = np.array([[0.0, 0.5, 1.0]]), np.array([[0, 1, 1]])
+    assert threshold_averaged_dice(prob, target) == pytest.approx((128 * 1 + 127 * 2 / 3 + 0) / 256)
+    # min-max rescaling first: an affine change of the map changes nothing
+    assert threshold_averaged_dice(prob * 0.2 + 0.3, target) == pytest.approx(threshold_averaged_dice(prob, target))
+    assert np.isnan(threshold_averaged_dice(np.zeros((2, 2)) - 1, np.zeros((2, 2))))

@@ -216,3 +216,34 @@ class SegmentationMeter:
             "per_patient": per_patient,
             "auc": histogram_auc(self._pos_hist, self._neg_hist),
         }
+
+
+# Fan et al. 2020 (Inf-Net) score a probability map at 256 thresholds of its min-max-rescaled values.
+INFNET_THRESHOLDS = 256
+
+
+def threshold_averaged_dice(prob, target, n_thresholds: int = INFNET_THRESHOLDS) -> float:
+    """Dice averaged over thresholds, as in the Inf-Net evaluation (Fan et al., IEEE TMI 2020).
+
+    The map is min-max rescaled to [0, 1] (a constant map is left as it is), then thresholded at
+    t_k = k / (n_thresholds - 1), k = 0..n_thresholds-1, predicting p > t_k; the Dice of each threshold is
+    averaged. Thresholds where both prediction and ground truth are empty are left out (nan if all are).
+
+    Shape: prob and target (H, W) (numpy or torch), target in {0, 1}. Returns a float.
+    """
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    g = np.asarray(target).ravel() > 0
+    if p.shape != g.shape or p.size == 0:
+        raise ValueError(f"prob and target must be non-empty and of one shape, got {np.shape(prob)} and {np.shape(target)}")
+    lo, hi = p.min(), p.max()
+    if hi > lo:
+        p = (p - lo) / (hi - lo)
+    v = p * (n_thresholds - 1)  # p > k / (n - 1)  <=>  v > k
+    ks = np.arange(n_thresholds)
+    pos, neg = np.sort(v[g]), np.sort(v[~g])
+    tp = len(pos) - np.searchsorted(pos, ks, side="right")
+    fp = len(neg) - np.searchsorted(neg, ks, side="right")
+    fn = len(pos) - tp
+    den = 2 * tp + fp + fn
+    dice = np.divide(2.0 * tp, den, out=np.full(n_thresholds, np.nan), where=den > 0)
+    return float(np.nanmean(dice)) if (den > 0).any() else float("nan")
