@@ -86,6 +86,14 @@ def make_splits(cases: list[str], val: float = 0.15, test: float = 0.15, by: str
     return {"by": by, "seed": seed, "stratified": "lesion present" if label else None, **parts}
 
 
+def kfold(n: int, k: int, seed: int = 0) -> list[list[int]]:
+    """Seeded K-fold partition of ``n`` items: k disjoint, sorted index lists of near-equal size covering 0..n-1."""
+    if not 2 <= k <= n:
+        raise InputError(f"--folds {k} needs 2 <= folds <= the number of items ({n})")
+    order = np.random.default_rng(seed).permutation(n)
+    return [sorted(int(i) for i in part) for part in np.array_split(order, k)]
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     with atomic_write(path) as tmp:

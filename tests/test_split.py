@@ -173,3 +173,15 @@ def test_split_pair_folder_reads_covid_semiseg_layout(tmp_path, make_pair_folder
     assert len(parts["val"]) == 1 and listing["val_images"] == parts["val"] and parts["val"][0].endswith(".jpg")
     assert listing["val_masks"] == [parts["val"][0].replace(".jpg", ".png")]
     assert len(listing["train_images"]) == 4
+
+
+def test_kfold_partitions_every_item_once():
+    from data.split_data import kfold
+
+    folds = kfold(50, 5, seed=0)
+    assert [len(f) for f in folds] == [10] * 5
+    assert sorted(i for f in folds for i in f) == list(range(50))  # no slice in two folds' validation parts
+    assert kfold(50, 5, seed=0) == folds and kfold(50, 5, seed=1) != folds
+    assert [len(f) for f in kfold(7, 3)] == [3, 2, 2]
+    with pytest.raises(InputError):
+        kfold(3, 5)

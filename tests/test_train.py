@@ -261,3 +261,18 @@ def test_preprocessed_folder_without_splits_says_what_to_run(processed, tmp_path
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "python -m data.split_data" in err[0]
+
+
+def test_cross_validation_trains_one_model_per_fold(processed, tmp_path, capsys):
+    data = tmp_path / "pairs"
+    export_pairs(processed, None, data, "Imgs", "GT", n=12)
+    out = tmp_path / "cv"
+    result = run_train(train_argv(data, out, "--folds", "3", epochs=1))
+    printed = capsys.readouterr().out
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["folds"] == 3 and len(cv["best_val_dice"]) == 3 and cv == {k: result[k] for k in cv}
+    # every fold holds out a different third of the 12 pairs and trains on the rest
+    assert printed.count("8 train / 4 val slices") == 3 and "3-fold cross-validation" in printed
+    for i in range(3):
+        ckpt = torch.load(out / f"fold{i}" / "best_model.pth", weights_only=True)
+        assert ckpt["args"]["fold"] == i and ckpt["args"]["folds"] == 3
