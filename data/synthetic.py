@@ -25,7 +25,6 @@ import functools
 from pathlib import Path
 from typing import NamedTuple
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
