@@ -137,14 +137,26 @@ def format_table(name: str, res: dict) -> str:
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              threshold: float = 0.5, device: str = "auto", amp: str = "auto", batch_size: int = 8,
-             n_figure: int = 3, progress: bool = True) -> dict:
-    """Score a checkpoint on a dataset, write results.json / per_image.csv / cases.png, return the results."""
+             n_figure: int = 3, progress: bool = True, tta: bool | None = None,
+             pairs: list[tuple[Path, Path]] | None = None) -> dict:
+    """Score a checkpoint on a dataset, write results.json / per_image.csv / cases.png, return the results.
+
+    Args:
+        tta: flip test-time augmentation (utils.inference.predict); None: as the checkpoint's run asked.
+        pairs: score these (image, mask) files instead of ``data`` (e.g. the validation part of a fold).
+    """
     ckpt = load_checkpoint(checkpoint)
     task = ckpt["task"]
+    tta = bool(ckpt.get("inference", {}).get("tta", False)) if tta is None else tta
     dev = resolve_device(device)
     dtype = amp_dtype(dev, amp)
     model = inference_model(model_from_checkpoint(ckpt, checkpoint), dev)
-    ds = load_eval_dataset(data, split, ckpt)
+    if pairs is not None:
+        if task != "lesion":
+            raise InputError(f"image-mask pairs hold lesion masks; {checkpoint} predicts {task}")
+        ds = PairFolderDataset(pairs, ckpt["preprocessing"])
+    else:
+        ds = load_eval_dataset(data, split, ckpt)
     pairs = isinstance(ds, PairFolderDataset)
     names = list(class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task))
     meters = {n: SegmentationMeter() for n in names}
@@ -158,7 +170,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         else:
             items = [ds[i] for i in idx]
             images, masks = torch.stack([x for x, _ in items]), torch.stack([m for _, m in items])
-        probs = {k: v.float().cpu() for k, v in predict(model, images, task, dev, dtype).items()}
+        probs = {k: v.float().cpu() for k, v in predict(model, images, task, dev, dtype, tta).items()}
         cases = [ds.case_of(i) for i in idx]
         if pairs:  # score at each mask's own resolution
             for j, i in enumerate(idx):
@@ -174,7 +186,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
             extras.extend(_map_scores(p, t) for p, t in zip(probs[main], targets[main]))
 
     results = {"checkpoint": str(checkpoint), "data": str(data), "split": None if pairs else split,
-               "threshold": threshold, "task": task, "structures": {}}
+               "threshold": threshold, "tta": tta, "task": task, "structures": {}}
     per_image_rows = []
     for n in names:
         res, images = aggregate(meters[n])
@@ -197,21 +209,23 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         tmp.write_text(json.dumps(finite_or_none(results), indent=1, allow_nan=False))
     write_csv(per_image_rows, out / "per_image.csv")
     _figure(model, ds, [r for r in per_image_rows if r["structure"] == main], main, task, dev, dtype,
-            threshold, n_figure, out / "cases.png")
+            threshold, n_figure, out / "cases.png", tta)
     print(f"wrote {out}/results.json, per_image.csv, cases.png")
     return results
 
 
-def _figure(model, ds, rows, main, task, dev, dtype, threshold, n, path) -> None:
+def _figure(model, ds, rows, main, task, dev, dtype, threshold, n, path, tta=False) -> None:
     """CT / ground truth / prediction for the n best and n worst slices with lesion (by Dice)."""
     scored = sorted((r for r in rows if not r["empty_gt"]), key=lambda r: r["dice"])
+    if n <= 0:
+        return
     chosen = scored[-n:][::-1] + [r for r in scored[:n] if r not in scored[-n:]]
     if not chosen:
         return
     imgs, gts, preds, titles = [], [], [], []
     for r in chosen:
         image, mask = ds[r["index"]]
-        prob = predict(model, image[None], task, dev, dtype)[main][0].float().cpu()
+        prob = predict(model, image[None], task, dev, dtype, tta)[main][0].float().cpu()
         imgs.append(image[0].numpy())
         gts.append(class_targets(mask[None], task)[main][0].numpy())
         preds.append((prob > threshold).numpy())
@@ -308,6 +322,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval-SPLIT, or eval-volumes)")
     p.add_argument("--splits", default=None, help="volumes only: splits.json whose --split cases to score")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="slices: flip test-time augmentation (default: as the checkpoint was trained to use)")
     p.add_argument("--batch-size", type=int, default=8)
     return add_runtime_args(p)
 
@@ -317,7 +333,7 @@ def main(args: argparse.Namespace) -> dict:
         return evaluate_volumes(args.checkpoint, args.data, args.out, args.threshold, args.device, args.amp,
                                 args.batch_size, args.splits, args.split, args.progress)
     return evaluate(args.checkpoint, args.data, args.split, args.out, args.threshold, args.device, args.amp,
-                    args.batch_size, progress=args.progress)
+                    args.batch_size, progress=args.progress, tta=args.tta)
 
 
 if __name__ == "__main__":

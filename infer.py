@@ -38,9 +38,12 @@ class Predictor:
             they must share the task and the preprocessing).
         device: "auto", "cpu" or "cuda".
         amp: autocast policy (see utils.helpers.amp_dtype).
+        tta: flip test-time augmentation (see utils.inference.predict); None: as the first checkpoint's
+            training run asked (train.py --tta), else off.
     """
 
-    def __init__(self, checkpoints, device: str = "auto", amp: str = "auto", batch_size: int = 8):
+    def __init__(self, checkpoints, device: str = "auto", amp: str = "auto", batch_size: int = 8,
+                 tta: bool | None = None):
         paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
         if not paths:
             raise InputError("no checkpoint given")
@@ -55,6 +58,7 @@ class Predictor:
         self.dtype = amp_dtype(self.device, amp)
         self.models = [inference_model(model_from_checkpoint(c, p), self.device) for c, p in zip(ckpts, paths)]
         self.batch_size = batch_size
+        self.tta = bool(self.ckpt.get("inference", {}).get("tta", False)) if tta is None else tta
 
     def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Probability maps for preprocessed slices (N, S, S), predicted in batches and averaged over the
@@ -62,7 +66,7 @@ class Predictor:
         batches = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size, None]
-            per_model = [predict(m, batch, self.task, self.device, self.dtype) for m in self.models]
+            per_model = [predict(m, batch, self.task, self.device, self.dtype, self.tta) for m in self.models]
             batches.append({k: torch.stack([p[k].float() for p in per_model]).mean(0).cpu() for k in per_model[0]})
         return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
@@ -173,12 +177,13 @@ def _image_files(folder: Path) -> list[Path]:
 
 def infer(checkpoint, input: str | Path, output: str | Path | None = None, threshold: float = 0.5,
           device: str = "auto", amp: str = "auto", batch_size: int = 8, progress: bool = True,
-          save_probs: str | Path | None = None) -> list[Path]:
+          save_probs: str | Path | None = None, tta: bool | None = None) -> list[Path]:
     """Predict masks for an image, a folder of images, a NIfTI volume or a folder of volumes.
 
     Args:
         checkpoint: one checkpoint path or a list of them (their probabilities are averaged).
         save_probs: for 2D images, also write 8-bit probability maps (0-255) named like the masks here.
+        tta: flip test-time augmentation; None: as the checkpoint's training run asked (train.py --tta).
     Returns the written mask paths.
     """
     src = Path(input)
@@ -186,7 +191,7 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
         raise InputError(f"{src}: input not found")
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"--threshold must be in [0, 1], got {threshold}")
-    predictor = Predictor(checkpoint, device, amp, batch_size)
+    predictor = Predictor(checkpoint, device, amp, batch_size, tta)
     main = "lesion" if predictor.task != "lung" else "lung"
     written: list[Path] = []
 
@@ -236,13 +241,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--save-probs", default=None, metavar="DIR",
                    help="slices: also write 8-bit probability maps (0-255) named like the masks to DIR")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation, 4 passes (default: as the checkpoint was trained to use)")
     p.add_argument("--batch-size", type=int, default=8)
     return add_runtime_args(p)
 
 
 def main(args: argparse.Namespace) -> list[Path]:
     return infer(args.checkpoint, args.input, args.output, args.threshold, args.device, args.amp,
-                 args.batch_size, args.progress, args.save_probs)
+                 args.batch_size, args.progress, args.save_probs, args.tta)
 
 
 if __name__ == "__main__":

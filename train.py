@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -33,10 +34,11 @@ MODEL = "unet"           # --model: unet | deeplabv3
 LOSS = None              # --loss: bce | dice | bce_dice | ce | ce_dice (None: bce_dice for unet, ce_dice for deeplabv3)
 EPOCHS = 50              # --epochs
 BATCH_SIZE = 8           # --batch-size
-LR = 1e-3                # --lr (Adam, with warm-up and cosine decay)
+LR = 1e-3                # --lr (Adam, with warm-up and cosine decay; see --opt, --sched)
 OUT = "checkpoints"      # --out: best_model.pth, last.pth, history.csv, curves.png
 # ----------------------------------------------------------------------------------------------------
 
+from data.augment import AUGMENT_LEVELS, SpatialAugment  # noqa: E402
 from data.dataset import (TASK_CLASSES, TASKS, PairAugment, PairFolderDataset, SliceArrayDataset,  # noqa: E402
                           find_pair_dirs, pair_files)
 from data.split_data import kfold, write_json  # noqa: E402
@@ -78,15 +80,18 @@ def output_channels(loss: str, task: str) -> int:
     return TASK_CLASSES[task]
 
 
-def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, seed: int, augment: bool,
+def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, seed: int, augment: str,
                    folds: int = 0, fold: int = 0):
     """Training and validation datasets from either data kind, and the preprocessing record they share.
+
+    ``augment`` other than "none" gives the training items flips, 90-degree turns and intensity jitter
+    (``PairAugment``); "strong" adds the batch warp of ``SpatialAugment``, which the training loop applies.
 
     With ``folds`` > 0 (pair folders), validation is fold ``fold`` of a seeded K-fold partition of the
     pairs and training the other folds.
     """
     data = Path(data)
-    aug = PairAugment() if augment else None
+    aug = PairAugment() if augment != "none" else None
     if (data / "images.npy").is_file():
         if folds:
             raise InputError(f"{data}: --folds is for folders of image-mask pairs; preprocessed volumes are split "
@@ -121,10 +126,22 @@ def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, 
     return (PairFolderDataset(train_pairs, prep, aug), PairFolderDataset(val_pairs, prep), prep, "pairs")
 
 
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam (weight decay as an L2 term in the gradient) or AdamW (decoupled weight decay)."""
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return kind(params, lr=lr, weight_decay=weight_decay)
+
+
 def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int):
-    """Per-iteration LR schedule: linear warm-up then cosine decay to zero, or constant."""
+    """Per-iteration LR schedule: linear warm-up then cosine decay to zero; torch's one-cycle (30% rise
+    from lr/25, cosine fall to lr/25e4, momentum cycled the other way); or constant."""
     if name == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if name == "onecycle":
+        # one step more than training takes, so that the rate after the last step (the one history.csv
+        # records) is the cycle's end and not an extrapolation past it
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"],
+                                                   total_steps=total_steps + 1)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -205,9 +222,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--opt", default="adam", choices=("adam", "adamw"), help="optimizer (adamw: decoupled weight decay)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--sched", default="cosine", choices=("cosine", "none"), help="per-step cosine with warm-up, or constant")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--sched", default="cosine", choices=("cosine", "onecycle", "none"),
+                   help="per-step cosine with warm-up, one-cycle (peak --lr), or constant")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine schedule's linear warm-up")
     p.add_argument("--width", type=int, default=32, help="U-Net base width (32: ~7.8M parameters)")
     p.add_argument("--aux", action="store_true", help="DeepLabV3 auxiliary head (loss weight 0.4)")
     p.add_argument("--backbone-weights", default=None, help="DeepLabV3: ResNet-50 state dict to start from")
@@ -215,7 +234,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.15, help="pair folders without a val part: held-out share")
     p.add_argument("--folds", type=int, default=0, help="pair folders: K-fold cross-validation, one run per fold")
     p.add_argument("--fold", type=int, default=None, help="with --folds: run this fold only (0-based)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="turn off flips/rotations/intensity jitter")
+    p.add_argument("--augment", default="basic", choices=AUGMENT_LEVELS,
+                   help="basic: flips, 90-degree turns, intensity jitter; strong: also random scale/crop, rotation, "
+                        "shift, elastic warp and noise, done per batch on the training device")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="record in the checkpoints that infer.py/evaluate.py should predict with flip test-time "
+                        "augmentation (their --tta/--no-tta overrides); fold scores of --folds use it too")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout (with bf16 on an AMX CPU: U-Net training 2.4x faster than NCHW)")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -230,24 +255,61 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     """Train once, or with --folds K (and no --fold) once per fold into OUT/fold<i>, then report the
-    cross-validated best validation Dice in OUT/cv.json."""
+    cross-validated scores in OUT/cv.json (see :func:`cross_validate`)."""
     if not args.folds or args.fold is not None:
         if args.fold is not None and not 0 <= args.fold < max(args.folds, 1):
             raise InputError(f"--fold {args.fold} needs --folds K with 0 <= fold < K")
         return train(args)
-    runs = [train(argparse.Namespace(**{**vars(args), "fold": i, "out": str(Path(args.out) / f"fold{i}")}))
-            for i in range(args.folds)]
-    dices = [r["best_dice"] for r in runs]
-    summary = {"folds": args.folds, "seed": args.seed, "best_val_dice": dices,
-               "mean": float(np.nanmean(dices)), "sd": float(np.nanstd(dices, ddof=1)) if len(dices) > 1 else None}
-    write_json(Path(args.out) / "cv.json", summary)
-    print(f"{args.folds}-fold cross-validation: best val Dice {summary['mean']:.4f} ± {summary['sd'] or 0:.4f} "
-          f"(folds: {', '.join(f'{d:.4f}' for d in dices)}); {args.out}/cv.json, models in {args.out}/fold*/")
+    return cross_validate(args)
+
+
+def _mean_sd(values: list[float]) -> dict:
+    return {"mean": float(np.nanmean(values)), "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else None}
+
+
+def cross_validate(args: argparse.Namespace) -> dict:
+    """K-fold cross-validation: one run per fold, each scored on its own validation part.
+
+    Each fold's final model (last.pth, not the epoch that scored best on this very validation part, which
+    would be a biased pick) is scored by evaluate.py on the fold's validation pairs at their own
+    resolution, with flip TTA if --tta: mean per-image Dice and IoU at 0.5 and Inf-Net's threshold-averaged
+    Dice. OUT/cv.json holds every fold's figures, their mean +- sd over folds, and the out-of-fold means
+    over all images (each image scored once, by the model that did not train on it).
+    """
+    from evaluate import evaluate, finite_or_none  # only here: evaluate.py imports nothing from training
+
+    runs, scores = [], {"dice": [], "iou": [], "dice_threshold_averaged": [], "n": []}
+    for i in range(args.folds):
+        out = Path(args.out) / f"fold{i}"
+        run = train(argparse.Namespace(**{**vars(args), "fold": i, "out": str(out)}))
+        runs.append(run)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 scores
+            continue
+        res = evaluate(out / "last.pth", args.data, out=out / "eval-val", device=args.device, amp=args.amp,
+                       batch_size=args.batch_size, progress=False, tta=args.tta, pairs=run["val_pairs"])
+        per_image = res["structures"]["lesion"]["per_image"]
+        for key in ("dice", "iou", "dice_threshold_averaged"):
+            scores[key].append(per_image[key]["mean"])
+        scores["n"].append(per_image["dice"]["n"])
+    summary = {"folds": args.folds, "seed": args.seed, "tta": args.tta,
+               "best_val_dice": [r["best_dice"] for r in runs], "last_epoch": scores}
+    if scores["n"]:
+        n = np.array(scores["n"], dtype=np.float64)
+        summary["mean_over_folds"] = {k: _mean_sd(scores[k]) for k in ("dice", "iou", "dice_threshold_averaged")}
+        summary["out_of_fold"] = {k: float(np.nansum(np.array(scores[k]) * n) / n.sum())
+                                  for k in ("dice", "iou", "dice_threshold_averaged")}
+        summary = finite_or_none(summary)  # a fold without lesion has no Dice: null, not NaN, in the JSON
+        write_json(Path(args.out) / "cv.json", summary)
+        m = summary["mean_over_folds"]
+        print(f"{args.folds}-fold cross-validation, final models{' with flip TTA' if args.tta else ''}, mean per-image "
+              f"over folds: Dice {m['dice']['mean']:.4f} ± {m['dice']['sd'] or 0:.4f}, threshold-averaged Dice "
+              f"{m['dice_threshold_averaged']['mean']:.4f} ± {m['dice_threshold_averaged']['sd'] or 0:.4f} (folds: "
+              f"{', '.join(f'{d:.4f}' for d in scores['dice'])}); {args.out}/cv.json, models {args.out}/fold*/last.pth")
     return {**summary, "runs": runs}
 
 
 def train(args: argparse.Namespace) -> dict:
-    """One training run (see the module docstring); returns {"best_dice", "history"}."""
+    """One training run (see the module docstring); returns {"best_dice", "history", "val_pairs"}."""
     seed_everything(args.seed, args.deterministic)
     ctx, device = distributed.setup(resolve_device(args.device))
     log = print if ctx.is_main else (lambda *a, **k: None)  # only rank 0 talks and writes
@@ -284,7 +346,8 @@ def train(args: argparse.Namespace) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
     model.to(device, memory_format=fmt)
     criterion = get_loss(loss_name, num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(args.opt, model.parameters(), args.lr, args.weight_decay)
+    spatial = SpatialAugment() if args.augment == "strong" else None
     steps = len(train_loader)
     scheduler = make_scheduler(optimizer, args.sched, args.epochs * steps, int(args.warmup_epochs * steps))
     # loss scaling is needed for fp16 only; bf16 has fp32's range
@@ -327,7 +390,7 @@ def train(args: argparse.Namespace) -> dict:
           f"{len(train_set)} train / {len(val_set)} val slices"
           + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else ""))
     state = {"model_config": {"name": args.model, **model.config}, "num_classes": num_classes, "task": args.task,
-             "loss": loss_name, "preprocessing": prep, "data_kind": data_kind,
+             "loss": loss_name, "preprocessing": prep, "data_kind": data_kind, "inference": {"tta": args.tta},
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
     check_each_step = checks_loss_each_step(device)
     saved = None  # the checkpoint to resume from if training stops now, and the epochs it holds
@@ -349,6 +412,9 @@ def train(args: argparse.Namespace) -> dict:
                 where = f"epoch {epoch + 1}/{args.epochs}, step {step}/{steps}"
                 images = images.to(device, non_blocking=True, memory_format=fmt)
                 masks = masks.to(device, non_blocking=True)
+                if spatial is not None:
+                    images, masks = spatial(images, masks)
+                    images = images.contiguous(memory_format=fmt)
                 with autocast(device, dtype):
                     outputs = net(images)
                 loss = criterion(outputs, masks)
@@ -414,7 +480,8 @@ def train(args: argparse.Namespace) -> dict:
     best_dice = best_row["val_dice"] if best_row else float("nan")
     log(f"best val Dice {best_dice:.4f} (epoch {best_row['epoch'] if best_row else '-'}); checkpoints in {out}/ "
         f"(best_model.pth, last.pth), history.csv, curves.png")
-    return {"best_dice": best_dice, "history": history}
+    return {"best_dice": best_dice, "history": history,
+            "val_pairs": getattr(val_set, "pairs", None)}  # pair folders: the files validation scored
 
 
 if __name__ == "__main__":

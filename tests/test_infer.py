@@ -277,3 +277,33 @@ def test_checkpoints_that_disagree_are_not_averaged(checkpoint, tmp_path, proces
     save_checkpoint(ckpt, tmp_path / "bigger.pth")
     with pytest.raises(InputError, match="only checkpoints that agree can be averaged"):
         infer.Predictor([checkpoint, tmp_path / "bigger.pth"], "cpu")
+
+
+# ----------------------------------------------------------------------------- flip test-time augmentation
+def test_flip_tta_is_the_mean_of_the_four_flipped_predictions(checkpoint, processed):
+    model = inference_model(model_from_checkpoint(load_checkpoint(checkpoint)), CPU)
+    images = torch.from_numpy(np.load(processed / "images.npy")[:2])[:, None]
+    plain = predict(model, images, "lesion", CPU)["lesion"]
+    by_hand = sum(predict(model, images.flip(d), "lesion", CPU)["lesion"].flip(d) if d else plain
+                  for d in [(), (-1,), (-2,), (-2, -1)]) / 4
+    tta = predict(model, images, "lesion", CPU, tta=True)["lesion"]
+    assert torch.allclose(tta, by_hand, atol=1e-6)
+    assert not torch.allclose(tta, plain, atol=1e-4)  # the model is not exactly flip-symmetric
+
+
+def test_tta_default_comes_from_the_checkpoint_and_the_flag_overrides_it(checkpoint, ct, tmp_path):
+    from utils.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    assert ckpt["inference"] == {"tta": False}
+    save_checkpoint({**ckpt, "inference": {"tta": True}}, tmp_path / "tta.pth")
+    assert infer.Predictor(tmp_path / "tta.pth", "cpu").tta is True
+    assert infer.Predictor(tmp_path / "tta.pth", "cpu", tta=False).tta is False
+    assert infer.Predictor(checkpoint, "cpu").tta is False
+    save_slice(ct, tmp_path / "18.png", "L", (64, 64))
+    maps = {}
+    for name, ckpts, tta in (("ckpt", tmp_path / "tta.pth", None), ("flag", checkpoint, True), ("off", checkpoint, None)):
+        run_infer(ckpts, tmp_path / "18.png", tmp_path / f"{name}.png", amp="off", tta=tta,
+                  save_probs=tmp_path / f"p_{name}")
+        maps[name] = read_png(tmp_path / f"p_{name}" / f"{name}.png")
+    assert np.array_equal(maps["ckpt"], maps["flag"]) and not np.array_equal(maps["ckpt"], maps["off"])

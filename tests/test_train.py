@@ -67,7 +67,7 @@ def test_checkpoints_are_self_describing(trained, processed, name):
     assert ckpt["preprocessing"] == meta_prep == {"size": SIZE, "norm": "window", "window": [-1000.0, 400.0]}
     args = ckpt["args"]
     assert args["model"] == "unet" and args["epochs"] == 6 and args["lr"] == 0.01 and args["width"] == 8
-    assert args["data"] == str(processed) and args["seed"] == 0 and args["augment"] is False
+    assert args["data"] == str(processed) and args["seed"] == 0 and args["augment"] == "none"
 
     # epoch is 0-based; the checkpoint's metrics are that epoch's validation results
     epoch = ckpt["epoch"]
@@ -222,6 +222,24 @@ def test_precision_and_layout_options_train(processed, tmp_path, capsys, flags):
     assert args["channels_last"] is ("--no-channels-last" not in flags)
 
 
+def test_recipe_options_train_and_are_recorded(processed, tmp_path):
+    lr = 3e-3
+    runs = {aug: run_train(train_argv(processed, tmp_path / aug, "--augment", aug, "--opt", "adamw", "--weight-decay",
+                                      "1e-2", "--sched", "onecycle", "--lr", str(lr), "--tta", epochs=2))
+            for aug in ("basic", "strong")}
+    first = {aug: r["history"][0]["train_loss"] for aug, r in runs.items()}
+    assert all(math.isfinite(v) for v in first.values())
+    assert first["basic"] != first["strong"]  # the batch warp changed what the model saw
+    ckpt = torch.load(tmp_path / "strong" / "last.pth", weights_only=True)
+    assert ckpt["args"]["augment"] == "strong" and ckpt["args"]["opt"] == "adamw"
+    assert ckpt["inference"] == {"tta": True}  # infer.py and evaluate.py predict with flip TTA by default
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 1e-2 and group.get("decoupled_weight_decay", True)
+    # one-cycle: the rate rises to --lr then anneals to lr / 25 / 1e4 at the last step
+    assert max(group["initial_lr"], group["max_lr"]) == pytest.approx(lr)
+    assert runs["strong"]["history"][-1]["lr"] == pytest.approx(lr / 25 / 1e4, rel=1e-3)
+
+
 def test_memory_layout_does_not_change_the_result(processed, tmp_path):
     runs = [run_train(train_argv(processed, tmp_path / str(i), "--amp", "off", *flags, epochs=1))
             for i, flags in enumerate(([], ["--no-channels-last"]))]
@@ -273,6 +291,14 @@ def test_cross_validation_trains_one_model_per_fold(processed, tmp_path, capsys)
     assert cv["folds"] == 3 and len(cv["best_val_dice"]) == 3 and cv == {k: result[k] for k in cv}
     # every fold holds out a different third of the 12 pairs and trains on the rest
     assert printed.count("8 train / 4 val slices") == 3 and "3-fold cross-validation" in printed
+    scored = []
     for i in range(3):
         ckpt = torch.load(out / f"fold{i}" / "best_model.pth", weights_only=True)
         assert ckpt["args"]["fold"] == i and ckpt["args"]["folds"] == 3
+        # each fold's final model is scored by evaluate.py on exactly its own validation files
+        with open(out / f"fold{i}" / "eval-val" / "per_image.csv") as f:
+            files = [row["file"] for row in csv.DictReader(f)]
+        assert len(files) == 4
+        scored += files
+    assert sorted(scored) == sorted(str(p) for p in (data / "Imgs").iterdir())  # each pair scored exactly once
+    assert len(cv["last_epoch"]["dice"]) == 3 and set(cv["mean_over_folds"]) == {"dice", "iou", "dice_threshold_averaged"}

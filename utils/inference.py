@@ -38,16 +38,24 @@ def class_targets(target: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, task: str, device: torch.device,
-            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+            dtype: torch.dtype | None = None, tta: bool = False) -> dict[str, torch.Tensor]:
     """Run the model in eval mode on a batch (N, 1, H, W) and return :func:`class_probs` on ``device``.
 
     The batch goes in channels_last (NHWC), the layout inference models are kept in (see
-    :func:`inference_model`); the layout changes speed only, never the result.
+    :func:`inference_model`); the layout changes speed only, never the result. With ``tta`` the
+    probabilities are averaged over the batch as it is and flipped left-right, up-down and both (flip
+    test-time augmentation, as nnU-Net's mirroring): 4 forward passes.
     """
     model.eval()
-    with autocast(device, dtype):
-        logits = model(images.to(device, non_blocking=True, memory_format=torch.channels_last))
-    return class_probs(logits, task)
+    images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
+    total = None
+    for dims in flips:
+        with autocast(device, dtype):
+            logits = model(images.flip(dims) if dims else images)
+        probs = {k: (v.flip(dims) if dims else v) for k, v in class_probs(logits, task).items()}
+        total = probs if total is None else {k: total[k] + v for k, v in probs.items()}
+    return {k: v / len(flips) for k, v in total.items()} if tta else total
 
 
 def inference_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -1,0 +1,75 @@
+"""Batch augmentation on the training device: random scale, rotation, shift and elastic warp in one resampling.
+
+The dataset's :class:`data.dataset.PairAugment` gives the cheap, exact transforms (flips, 90-degree turns,
+intensity jitter) per item on the loader's CPU workers. :class:`SpatialAugment` adds the ones that need
+resampling, for a whole batch at once on whatever device the batch is on (one ``grid_sample`` per batch, so
+on a GPU the loader never does this work). The image is resampled bilinearly, the mask by nearest neighbour,
+with the same sampling grid: they stay aligned and the mask keeps its integer labels.
+
+Random draws come from torch's global CPU generator (train.py reseeds it every epoch), so a seeded run is
+reproducible on any device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --augment presets of train.py: what each level turns on
+AUGMENT_LEVELS = ("none", "basic", "strong")
+
+
+class SpatialAugment:
+    """Random affine + elastic warp of a batch, image and mask together.
+
+    Args:
+        p: probability that a sample is warped at all (the others pass unchanged).
+        scale: zoom range (min, max), drawn log-uniformly; > 1 zooms in (a random crop), < 1 out.
+        rotate: maximum rotation in degrees (uniform in +-rotate).
+        shift: maximum shift as a fraction of the image side.
+        elastic: standard deviation of the elastic displacement as a fraction of the image side
+            (a coarse random field, bicubically upsampled, so the warp is smooth); 0 turns it off.
+        grid: the coarse field's size (grid x grid control points).
+        noise: maximum standard deviation of added Gaussian noise on the image (drawn per sample); 0: none.
+    """
+
+    def __init__(self, p: float = 0.8, scale: tuple[float, float] = (0.8, 1.25), rotate: float = 30.0,
+                 shift: float = 0.08, elastic: float = 0.02, grid: int = 5, noise: float = 0.03):
+        if not 0 <= p <= 1 or scale[0] <= 0 or scale[0] > scale[1] or rotate < 0 or shift < 0 or elastic < 0 or noise < 0:
+            raise ValueError(f"SpatialAugment: bad parameters p={p} scale={scale} rotate={rotate} shift={shift} "
+                             f"elastic={elastic} noise={noise}")
+        self.p, self.scale, self.rotate, self.shift = p, scale, rotate, shift
+        self.elastic, self.grid, self.noise = elastic, grid, noise
+
+    def sampling_grid(self, n: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """The (N, H, W, 2) grid_sample grid of one random draw per sample (identity where not warped)."""
+        on = (torch.rand(n) < self.p).float()
+        log_lo, log_hi = math.log(self.scale[0]), math.log(self.scale[1])
+        zoom = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n)) ** on
+        angle = math.radians(self.rotate) * (2 * torch.rand(n) - 1) * on
+        shift = self.shift * 2 * (2 * torch.rand(n, 2) - 1) * on[:, None]  # normalized coords span 2
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(device), [n, 1, height, width], align_corners=False)
+        if self.elastic > 0:
+            coarse = torch.randn(n, 2, self.grid, self.grid) * (2 * self.elastic) * on[:, None, None, None]
+            field = F.interpolate(coarse.to(device), size=(height, width), mode="bicubic", align_corners=True)
+            grid = grid + field.permute(0, 2, 3, 1)
+        return grid
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape: images (N, C, H, W) float, masks (N, H, W) integer -> the same shapes, dtypes and device.
+
+        Outside the warped field the image is 0 (air after min-max or windowing) and the mask background.
+        """
+        n, _, h, w = images.shape
+        if masks.shape != (n, h, w):
+            raise ValueError(f"masks are {tuple(masks.shape)}, images {tuple(images.shape)}: need (N, H, W)")
+        grid = self.sampling_grid(n, h, w, images.device)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        labels = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        if self.noise > 0:
+            sigma = (self.noise * torch.rand(n, 1, 1, 1)).to(images.device)
+            out = (out + sigma * torch.randn_like(out)).clamp_(0, 1)
+        return out.to(images.dtype), labels[:, 0].round().to(masks.dtype)
