@@ -31,7 +31,7 @@ def test_recipe_leaves_five_fold_models_that_infer_averages(processed, tmp_path)
     assert [p.name for p in models] == [f"fold{i}.pth" for i in range(5)]
     for i, path in enumerate(models):
         ckpt = torch.load(path, weights_only=True)
-        assert ckpt["args"]["fold"] == i and ckpt["args"]["augment"] == "strong"
+        assert ckpt["args"]["fold"] == i and ckpt["args"]["augment"] == "basic"
         assert ckpt["inference"] == {"tta": True} and ckpt["epoch"] == 0  # the final epoch, not a pick
     cv = json.loads((out / "cv" / "cv.json").read_text())
     assert cv["folds"] == 5 and len(cv["last_epoch"]["dice"]) == 5 and sum(cv["last_epoch"]["n"]) <= 10
