@@ -222,6 +222,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=True,
+                   help="Dice term pooled over the batch (default) or, with --no-batch-dice, averaged over images")
     p.add_argument("--opt", default="adam", choices=("adam", "adamw"), help="optimizer (adamw: decoupled weight decay)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--sched", default="cosine", choices=("cosine", "onecycle", "none"),
@@ -345,7 +347,7 @@ def train(args: argparse.Namespace) -> dict:
     if ctx.enabled and device.type == "cuda" and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
     model.to(device, memory_format=fmt)
-    criterion = get_loss(loss_name, num_classes)
+    criterion = get_loss(loss_name, num_classes, batch_dice=args.batch_dice)
     optimizer = make_optimizer(args.opt, model.parameters(), args.lr, args.weight_decay)
     spatial = SpatialAugment() if args.augment == "strong" else None
     steps = len(train_loader)

@@ -69,6 +69,28 @@ def test_dice_empty_ground_truth_rule():
     assert dice_loss(full, empty).item() == pytest.approx(1 - DICE_SMOOTH / (npix + DICE_SMOOTH), abs=1e-6)
 
 
+def test_per_image_dice_weighs_each_image_equally():
+    # image 0: a 1-pixel lesion, missed; image 1: a 3-pixel lesion, found. Pooled, the found lesion dominates.
+    t = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 0]]])
+    pred = torch.tensor([[[0, 0], [0, 0]], [[1, 1], [1, 0]]])
+    logits = binary_logits(pred)
+    s = DICE_SMOOTH
+    pooled = 1 - (2 * 3 + s) / (3 + 4 + s)
+    per_image = ((1 - s / (0 + 1 + s)) + (1 - (2 * 3 + s) / (3 + 3 + s))) / 2
+    assert dice_loss(logits, t).item() == pytest.approx(pooled, abs=1e-6)
+    assert dice_loss(logits, t, batch=False).item() == pytest.approx(per_image, abs=1e-6)
+    assert per_image > pooled  # the missed small lesion costs more per image
+    for name in ("dice", "bce_dice"):
+        assert get_loss(name, 1, batch_dice=False)(logits, t).item() == pytest.approx(
+            LOSSES[name](logits, t, batch=False).item(), abs=1e-6)
+    assert get_loss("bce", 1, batch_dice=False)(logits, t).item() == pytest.approx(bce_loss(logits, t).item())
+    three = torch.tensor([[[0, 1], [2, 2]], [[1, 1], [0, 0]]])
+    per_image_ce = (ce_dice_loss(onehot_logits(three[:1], 3), three[:1]) + ce_dice_loss(
+        onehot_logits(torch.zeros_like(three[1:]), 3), three[1:])) / 2
+    both = torch.cat([onehot_logits(three[:1], 3), onehot_logits(torch.zeros_like(three[1:]), 3)])
+    torch.testing.assert_close(ce_dice_loss(both, three, batch=False), per_image_ce)
+
+
 def test_dice_one_channel_equals_two_channel():
     torch.manual_seed(0)
     z = torch.randn(3, 1, 5, 5)

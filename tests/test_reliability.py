@@ -264,7 +264,7 @@ class _Interrupt:
                                              r"resume with --resume .*last\.pth")])
 def test_ctrl_c_message_names_the_step_and_what_is_saved(processed, tmp_path, monkeypatch, capsys, at, expected):
     get_loss = train.get_loss
-    monkeypatch.setattr(train, "get_loss", lambda *a: _Interrupt(get_loss(*a), at))
+    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Interrupt(get_loss(*a, **k), at))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=2))
     assert exit_info.value.code == 130
@@ -293,7 +293,7 @@ class _Poison:
 def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(processed, tmp_path, monkeypatch,
                                                                              capsys, value):
     get_loss = train.get_loss
-    monkeypatch.setattr(train, "get_loss", lambda *a: _Poison(get_loss(*a), at=7, value=value))  # epoch 2, step 3
+    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Poison(get_loss(*a, **k), at=7, value=value))  # epoch 2, step 3
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=3))
     assert exit_info.value.code == 1
@@ -329,7 +329,7 @@ def test_without_per_step_checks_the_epoch_end_check_still_stops_before_saving(p
     """The GPU path: non-finite losses are counted on the device and read once, at the end of the epoch."""
     monkeypatch.setattr(train, "checks_loss_each_step", lambda device: False)
     get_loss = train.get_loss
-    monkeypatch.setattr(train, "get_loss", lambda *a: _Poison(get_loss(*a), at=7, value=math.nan))
+    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Poison(get_loss(*a, **k), at=7, value=math.nan))
     with pytest.raises(train.TrainingDiverged, match=r"not finite in 2 of 4 steps of epoch 2/3.*holds epoch 1"):
         run_train(train_argv(processed, tmp_path, "--no-augment", epochs=3))
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0

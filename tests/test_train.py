@@ -225,13 +225,15 @@ def test_precision_and_layout_options_train(processed, tmp_path, capsys, flags):
 def test_recipe_options_train_and_are_recorded(processed, tmp_path):
     lr = 3e-3
     runs = {aug: run_train(train_argv(processed, tmp_path / aug, "--augment", aug, "--opt", "adamw", "--weight-decay",
-                                      "1e-2", "--sched", "onecycle", "--lr", str(lr), "--tta", epochs=2))
+                                      "1e-2", "--sched", "onecycle", "--lr", str(lr), "--tta", "--no-batch-dice",
+                                      epochs=2))
             for aug in ("basic", "strong")}
     first = {aug: r["history"][0]["train_loss"] for aug, r in runs.items()}
     assert all(math.isfinite(v) for v in first.values())
     assert first["basic"] != first["strong"]  # the batch warp changed what the model saw
     ckpt = torch.load(tmp_path / "strong" / "last.pth", weights_only=True)
     assert ckpt["args"]["augment"] == "strong" and ckpt["args"]["opt"] == "adamw"
+    assert ckpt["args"]["batch_dice"] is False
     assert ckpt["inference"] == {"tta": True}  # infer.py and evaluate.py predict with flip TTA by default
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["weight_decay"] == 1e-2 and group.get("decoupled_weight_decay", True)

@@ -6,6 +6,7 @@ background. Target values are not range-checked here (that would be a GPU sync p
 """
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -53,15 +54,17 @@ def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target.long())
 
 
-def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH) -> Tensor:
-    """Soft Dice loss over foreground classes, pooled over the whole batch.
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH, batch: bool = True) -> Tensor:
+    """Soft Dice loss over foreground classes, pooled over the whole batch or per image.
 
     Per foreground class k, with p the predicted probability and g the one-hot ground truth summed over
     (N, H, W): `1 - (2 * sum(p * g) + smooth) / (sum(p) + sum(g) + smooth)`; the loss is the mean over
-    k. C = 1: p = sigmoid(logits), foreground = target 1. C >= 2: p = softmax(logits), foreground classes
+    k. `batch=False` sums over (H, W) only and averages the per-image ratios (MONAI's `DiceLoss(batch=False)`,
+    nnU-Net's `batch_dice=False`): every image weighs the same, so a slice with a small lesion counts as
+    much as one with a large lesion, as in the mean per-image Dice that evaluate.py reports. C = 1: p = sigmoid(logits), foreground = target 1. C >= 2: p = softmax(logits), foreground classes
     1..C-1 (background is not scored).
 
-    Empty-mask rule: if a class is absent from the whole batch's ground truth, its term is
+    Empty-mask rule: if a class is absent from the whole batch's ground truth (from the image's, per image), its term is
     `1 - smooth / (sum(p) + smooth)`: 0 only when nothing is predicted, and its gradient is weak, so Dice
     alone barely punishes false positives on lesion-free slices. Pair it with BCE/CE (`bce_dice`, `ce_dice`).
 
@@ -78,21 +81,21 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH) -> Te
         # Comparing with arange instead of F.one_hot avoids one_hot's range check (a GPU sync).
         classes = torch.arange(1, num_classes, device=target.device).view(1, -1, 1, 1)
         truth = (target.unsqueeze(1) == classes).float()
-    dims = (0, 2, 3)
+    dims = (0, 2, 3) if batch else (2, 3)
     intersection = (probs * truth).sum(dims)
     total = probs.sum(dims) + truth.sum(dims)
     dice = (2 * intersection + smooth) / (total + smooth)
     return 1 - dice.mean()
 
 
-def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+def bce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True) -> Tensor:
     """`bce_loss + dice_loss` (1:1). Shape: logits (N, 1, H, W), target (N, H, W). Returns a scalar."""
-    return bce_loss(logits, target) + dice_loss(logits, target)
+    return bce_loss(logits, target) + dice_loss(logits, target, batch=batch)
 
 
-def ce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+def ce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True) -> Tensor:
     """`ce_loss + dice_loss` (1:1). Shape: logits (N, C, H, W) with C >= 2, target (N, H, W). Returns a scalar."""
-    return ce_loss(logits, target) + dice_loss(logits, target)
+    return ce_loss(logits, target) + dice_loss(logits, target, batch=batch)
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -104,14 +107,16 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 _SINGLE_CHANNEL = ("bce", "bce_dice")
 _MULTI_CHANNEL = ("ce", "ce_dice")
+_WITH_DICE = ("dice", "bce_dice", "ce_dice")
 
 
-def get_loss(name: str, num_classes: int) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
+def get_loss(name: str, num_classes: int, batch_dice: bool = True) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
     """Return `loss(outputs, target)` for the named loss, checked against the model's output channels.
 
     Args:
         name: one of `LOSSES`.
         num_classes: the model's output channels; bce/bce_dice need 1, ce/ce_dice need >= 2, dice takes any.
+        batch_dice: the Dice term pooled over the batch (True) or averaged over images (False); see `dice_loss`.
 
     Returns:
         A callable taking `outputs` = logits (N, C, H, W) or a list `[main, aux, ...]` of them (auxiliary or
@@ -127,6 +132,8 @@ def get_loss(name: str, num_classes: int) -> Callable[[Tensor | Sequence[Tensor]
     if name in _MULTI_CHANNEL and num_classes < 2:
         raise ValueError(f"loss {name!r} needs num_classes >= 2, got {num_classes}; use 'bce' or 'bce_dice'")
     fn = LOSSES[name]
+    if name in _WITH_DICE and not batch_dice:
+        fn = partial(fn, batch=False)
 
     def single(logits: Tensor, target: Tensor) -> Tensor:
         if logits.ndim != 4 or logits.shape[1] != num_classes:
