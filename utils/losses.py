@@ -59,13 +59,15 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH, batch
 
     Per foreground class k, with p the predicted probability and g the one-hot ground truth summed over
     (N, H, W): `1 - (2 * sum(p * g) + smooth) / (sum(p) + sum(g) + smooth)`; the loss is the mean over
-    k. `batch=False` sums over (H, W) only and averages the per-image ratios (MONAI's `DiceLoss(batch=False)`,
-    nnU-Net's `batch_dice=False`): every image weighs the same, so a slice with a small lesion counts as
-    much as one with a large lesion, as in the mean per-image Dice that evaluate.py reports. C = 1: p = sigmoid(logits), foreground = target 1. C >= 2: p = softmax(logits), foreground classes
+    k. C = 1: p = sigmoid(logits), foreground = target 1. C >= 2: p = softmax(logits), foreground classes
     1..C-1 (background is not scored).
 
-    Empty-mask rule: if a class is absent from the whole batch's ground truth (from the image's, per image), its term is
-    `1 - smooth / (sum(p) + smooth)`: 0 only when nothing is predicted, and its gradient is weak, so Dice
+    `batch=False` sums over (H, W) only and averages the per-image ratios (MONAI's `DiceLoss(batch=False)`,
+    nnU-Net's `batch_dice=False`): every image weighs the same, so a slice with a small lesion counts as much
+    as one with a large lesion, as in the mean per-image Dice that evaluate.py reports.
+
+    Empty-mask rule: if a class is absent from the batch's ground truth (the image's, with batch=False), its
+    term is `1 - smooth / (sum(p) + smooth)`: 0 only when nothing is predicted, and its gradient is weak, so Dice
     alone barely punishes false positives on lesion-free slices. Pair it with BCE/CE (`bce_dice`, `ce_dice`).
 
     Shape: logits (N, C, H, W), target (N, H, W). Returns a scalar in [0, 1].
@@ -110,7 +112,9 @@ _MULTI_CHANNEL = ("ce", "ce_dice")
 _WITH_DICE = ("dice", "bce_dice", "ce_dice")
 
 
-def get_loss(name: str, num_classes: int, batch_dice: bool = True) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
+def get_loss(
+    name: str, num_classes: int, batch_dice: bool = True
+) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
     """Return `loss(outputs, target)` for the named loss, checked against the model's output channels.
 
     Args:
