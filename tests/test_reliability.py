@@ -293,7 +293,8 @@ class _Poison:
 def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(processed, tmp_path, monkeypatch,
                                                                              capsys, value):
     get_loss = train.get_loss
-    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Poison(get_loss(*a, **k), at=7, value=value))  # epoch 2, step 3
+    # at=7: epoch 2, step 3
+    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Poison(get_loss(*a, **k), at=7, value=value))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=3))
     assert exit_info.value.code == 1
