@@ -38,9 +38,9 @@ LR = 1e-3                # --lr (Adam, with warm-up and cosine decay; see --opt,
 OUT = "checkpoints"      # --out: best_model.pth, last.pth, history.csv, curves.png
 # ----------------------------------------------------------------------------------------------------
 
-from data.augment import AUGMENT_LEVELS, SpatialAugment  # noqa: E402
-from data.dataset import (TASK_CLASSES, TASKS, PairAugment, PairFolderDataset, SliceArrayDataset,  # noqa: E402
-                          find_pair_dirs, pair_files)
+from data.augment import AUGMENT_LEVELS, BatchAugment, SpatialAugment  # noqa: E402
+from data.dataset import (TASK_CLASSES, TASKS, DeviceLoader, PairAugment, PairFolderDataset,  # noqa: E402
+                          SliceArrayDataset, dataset_bytes, find_pair_dirs, pair_files)
 from data.split_data import kfold, write_json  # noqa: E402
 from data.transforms import InputError, make_preprocessing  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
@@ -124,6 +124,17 @@ def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, 
         val_pairs = [train_pairs[i] for i in sorted(order[:n_val])]
         train_pairs = [train_pairs[i] for i in sorted(order[n_val:])]
     return (PairFolderDataset(train_pairs, prep, aug), PairFolderDataset(val_pairs, prep), prep, "pairs")
+
+
+def data_on_device(choice: bool | None, device: torch.device, *datasets) -> bool:
+    """--data-on-device: as asked, or by default on CUDA when the datasets take under a quarter of the GPU's
+    free memory (the rest is the model's); elsewhere the DataLoader, whose workers overlap with compute."""
+    if choice is not None:
+        return choice
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(dataset_bytes(d) for d in datasets) < free / 4
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -248,6 +259,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun on GPUs: batch-norm statistics over all processes")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 4 on CUDA)")
+    p.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold the data on the training device and augment whole batches there (default: on CUDA "
+                        "when the data takes under a quarter of the free GPU memory)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (first steps slower while it compiles; see docs/BENCHMARKS.md)")
     p.add_argument("--out", default=OUT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
@@ -325,12 +341,22 @@ def train(args: argparse.Namespace) -> dict:
     # The sampler's shuffle depends on (seed, epoch) only; under torchrun each rank takes every world_size-th
     # index of the same permutation, so N processes with batch B see the global batches of one with N*B.
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler,
-                              drop_last=len(sampler) > args.batch_size, num_workers=workers, generator=gen,
-                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    drop_last = len(sampler) > args.batch_size
     # validation: each rank scores a disjoint share, no padding, and validate() sums the counts
-    val_loader = DataLoader(Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size)), args.batch_size,
-                            num_workers=workers, pin_memory=device.type == "cuda")
+    val_rows = range(ctx.rank, len(val_set), ctx.world_size)
+    on_device = data_on_device(args.data_on_device, device, train_set, val_set)
+    if on_device:  # both sets on the device once; flips, turns and jitter per batch there (BatchAugment)
+        train_set.augment = None
+        train_loader = DeviceLoader(train_set, args.batch_size, sampler, device, drop_last, workers,
+                                    progress=args.progress and ctx.is_main)
+        val_loader = DeviceLoader(val_set, args.batch_size, val_rows, device, workers=workers,
+                                  progress=args.progress and ctx.is_main)
+    else:
+        train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=drop_last,
+                                  num_workers=workers, generator=gen, pin_memory=device.type == "cuda",
+                                  persistent_workers=workers > 0)
+        val_loader = DataLoader(Subset(val_set, val_rows), args.batch_size, num_workers=workers,
+                                pin_memory=device.type == "cuda")
 
     model_kwargs = {"width": args.width} if args.model == "unet" else {"aux": args.aux}
     model = build_model(args.model, in_channels=1, num_classes=num_classes, **model_kwargs)
@@ -349,7 +375,10 @@ def train(args: argparse.Namespace) -> dict:
     model.to(device, memory_format=fmt)
     criterion = get_loss(loss_name, num_classes, batch_dice=args.batch_dice)
     optimizer = make_optimizer(args.opt, model.parameters(), args.lr, args.weight_decay)
-    spatial = SpatialAugment() if args.augment == "strong" else None
+    # augmentation done per batch on the training device: flips, turns and jitter when the data sits there
+    # (otherwise the loader's workers do them per item), and the warp of --augment strong
+    batch_augments = ([BatchAugment()] if on_device and args.augment != "none" else []) + \
+                     ([SpatialAugment()] if args.augment == "strong" else [])
     steps = len(train_loader)
     scheduler = make_scheduler(optimizer, args.sched, args.epochs * steps, int(args.warmup_epochs * steps))
     # loss scaling is needed for fp16 only; bf16 has fp32's range
@@ -386,14 +415,18 @@ def train(args: argparse.Namespace) -> dict:
 
     # DDP broadcasts rank 0's weights and averages gradients; `model` stays the unwrapped module that is saved
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
+    if args.compile:
+        net = torch.compile(net)  # compiles on the first training and the first validation batch
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.model} ({n_params / 1e6:.2f}M parameters, {num_classes} output channel(s), loss {loss_name}) on "
           f"{device}{' with ' + str(dtype).replace('torch.', '') + ' autocast' if dtype else ''}: "
           f"{len(train_set)} train / {len(val_set)} val slices"
-          + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else ""))
+          + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else "")
+          + (f"; data held on {device}" if on_device else "") + ("; torch.compile" if args.compile else ""))
     state = {"model_config": {"name": args.model, **model.config}, "num_classes": num_classes, "task": args.task,
              "loss": loss_name, "preprocessing": prep, "data_kind": data_kind, "inference": {"tta": args.tta},
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+    state["args"]["data_on_device"] = on_device  # what the default chose, not None
     check_each_step = checks_loss_each_step(device)
     saved = None  # the checkpoint to resume from if training stops now, and the epochs it holds
     if args.resume:
@@ -412,11 +445,10 @@ def train(args: argparse.Namespace) -> dict:
                        disable=None if (args.progress and ctx.is_main) else True)
             for step, (images, masks) in enumerate(bar, 1):
                 where = f"epoch {epoch + 1}/{args.epochs}, step {step}/{steps}"
-                images = images.to(device, non_blocking=True, memory_format=fmt)
-                masks = masks.to(device, non_blocking=True)
-                if spatial is not None:
-                    images, masks = spatial(images, masks)
-                    images = images.contiguous(memory_format=fmt)
+                images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+                for augment in batch_augments:
+                    images, masks = augment(images, masks)
+                images = images.contiguous(memory_format=fmt)
                 with autocast(device, dtype):
                     outputs = net(images)
                 loss = criterion(outputs, masks)

@@ -1,10 +1,13 @@
-"""Batch augmentation on the training device: random scale, rotation, shift and elastic warp in one resampling.
+"""Batch augmentation on the training device.
 
-The dataset's :class:`data.dataset.PairAugment` gives the cheap, exact transforms (flips, 90-degree turns,
-intensity jitter) per item on the loader's CPU workers. :class:`SpatialAugment` adds the ones that need
-resampling, for a whole batch at once on whatever device the batch is on (one ``grid_sample`` per batch, so
-on a GPU the loader never does this work). The image is resampled bilinearly, the mask by nearest neighbour,
-with the same sampling grid: they stay aligned and the mask keeps its integer labels.
+The cheap, exact transforms (flips, 90-degree turns, intensity jitter) exist twice over one piece of
+arithmetic: per item on the loader's CPU workers (:class:`data.dataset.PairAugment`, the DataLoader path), and
+per batch on whatever device the batch is on (:class:`BatchAugment`, the path of data held on the GPU, where
+no CPU worker touches a batch). Both draw each sample's transform from the same distribution.
+
+:class:`SpatialAugment` adds the ones that need resampling (random scale, rotation, shift and elastic warp),
+for a whole batch at once (one ``grid_sample`` per batch). The image is resampled bilinearly, the mask by
+nearest neighbour, with the same sampling grid: they stay aligned and the mask keeps its integer labels.
 
 Random draws come from torch's global CPU generator (train.py reseeds it every epoch), so a seeded run is
 reproducible on any device.
@@ -18,6 +21,63 @@ import torch.nn.functional as F
 
 # --augment presets of train.py: what each level turns on
 AUGMENT_LEVELS = ("none", "basic", "strong")
+
+
+def intensity_jitter(image: torch.Tensor, contrast, brightness, gamma) -> torch.Tensor:
+    """Mild CT intensity jitter on [0, 1] images: gamma, then contrast and brightness, clipped to [0, 1].
+
+    The parameters are numbers or tensors that broadcast against ``image`` (one value per sample). The map
+    is monotone, so it never swaps which of two pixels is brighter.
+    """
+    return (image.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
+
+
+def jitter_params(u_contrast: torch.Tensor, u_brightness: torch.Tensor, u_gamma: torch.Tensor):
+    """Uniform [0, 1) draws -> (contrast in [0.85, 1.15], brightness in [-0.05, 0.05], gamma in [0.8, 1.2])."""
+    return 0.85 + 0.3 * u_contrast, 0.1 * (u_brightness - 0.5), 0.8 + 0.4 * u_gamma
+
+
+class BatchAugment:
+    """Random horizontal flip, multiple of 90 degrees and intensity jitter of every sample of a batch.
+
+    The batch version of :class:`data.dataset.PairAugment`, with the same probabilities (flip 1/2, each
+    turn 1/4, jitter 1/2) and the same jitter ranges, for batches that already sit on the training device.
+    Each choice is a ``torch.where`` over the batch: no per-sample Python loop and no host sync.
+
+    Shape: images (N, C, S, S) float in [0, 1], masks (N, S, S) integer -> the same shapes, dtypes and device.
+    """
+
+    def __init__(self, flip: bool = True, rot90: bool = True, intensity: bool = True):
+        self.flip, self.rot90, self.intensity = flip, rot90, intensity
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = images.shape
+        if masks.shape != (n, h, w):
+            raise ValueError(f"masks are {tuple(masks.shape)}, images {tuple(images.shape)}: need (N, H, W)")
+        if self.rot90 and h != w:
+            raise ValueError(f"images are {h}x{w}: 90-degree turns need square images")
+        device = images.device
+        draws = torch.rand(2, n)  # on the CPU generator, as PairAugment's: the same seed, the same run anywhere
+
+        def where(pick: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(pick.to(device).view(-1, *[1] * (a.dim() - 1)), a, b)
+
+        if self.flip:
+            on = draws[0] < 0.5
+            images, masks = where(on, images.flip(-1), images), where(on, masks.flip(-1), masks)
+        if self.rot90:
+            turns = (draws[1] * 4).long()
+            rotated_images, rotated_masks = images, masks
+            for k in (1, 2, 3):
+                on = turns == k
+                rotated_images = where(on, torch.rot90(images, k, (-2, -1)), rotated_images)
+                rotated_masks = where(on, torch.rot90(masks, k, (-2, -1)), rotated_masks)
+            images, masks = rotated_images, rotated_masks
+        if self.intensity:
+            on = torch.rand(n) < 0.5
+            contrast, brightness, gamma = (v.to(device).view(-1, 1, 1, 1) for v in jitter_params(*torch.rand(3, n)))
+            images = where(on, intensity_jitter(images, contrast, brightness, gamma), images)
+        return images.contiguous(), masks.contiguous()
 
 
 class SpatialAugment:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from data.augment import intensity_jitter, jitter_params
 from data.transforms import IMAGE_SUFFIXES, InputError, load_image_slice, read_mask, resize_masks
 
 TASKS = ("lesion", "lung", "lung+lesion")
@@ -24,7 +25,8 @@ class PairAugment:
 
     Horizontal flip and a random multiple of 90 degrees (as the seed code does), plus an optional mild
     intensity jitter (contrast, brightness, gamma) on the image only. Draws from torch's global RNG, which
-    DataLoader seeds per worker, so a seeded run is reproducible.
+    DataLoader seeds per worker, so a seeded run is reproducible. ``data.augment.BatchAugment`` does the
+    same to a whole batch on its device.
     """
 
     def __init__(self, flip: bool = True, rot90: bool = True, intensity: bool = True):
@@ -39,8 +41,8 @@ class PairAugment:
             if k:
                 image, mask = torch.rot90(image, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
         if self.intensity and r[2] < 0.5:
-            contrast, brightness, gamma = 0.85 + 0.3 * r[3], 0.1 * (r[4] - 0.5), 0.8 + 0.4 * torch.rand(1)
-            image = (image.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
+            contrast, brightness, gamma = jitter_params(r[3], r[4], torch.rand(1))
+            image = intensity_jitter(image, contrast, brightness, gamma)
         return image.contiguous(), mask.contiguous()
 
 
@@ -228,3 +230,55 @@ class PairFolderDataset(Dataset):
         if self.augment is not None:
             image, mask = self.augment(image, mask)
         return image[None], mask
+
+
+# ----------------------------------------------------------------------------- data held on the device
+class DeviceLoader:
+    """A whole dataset, un-augmented, held as two tensors on the training device and served in batches.
+
+    On a GPU this replaces the DataLoader: no worker processes, no host-to-device copy per step, so the
+    GPU never waits on the CPU for data; pair it with :class:`data.augment.BatchAugment` for augmentation.
+    The items are read once, at construction (with ``workers`` loader processes and a progress bar).
+
+    Batches follow ``sampler``'s order (call its ``set_epoch`` as usual), so under torchrun each rank gets
+    its DistributedSampler share, and every batch holds the items a DataLoader with the same sampler and
+    batch size would put in it.
+
+    Args:
+        dataset: items (image (C, S, S) float, mask (S, S) integer < 256), e.g. SliceArrayDataset without augment.
+        batch_size: items per batch.
+        sampler: an iterable of dataset indices (DistributedSampler, a range, ...).
+        device: where the tensors live.
+        drop_last: drop the last batch when it is short.
+    Memory: ``len(dataset) * (4 * C + 1) * S * S`` bytes on ``device`` (masks are stored as uint8).
+    """
+
+    def __init__(self, dataset, batch_size: int, sampler, device: torch.device, drop_last: bool = False,
+                 workers: int = 0, progress: bool = True):
+        from tqdm import tqdm
+
+        self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
+        # a generator of its own: reading the data must not draw from the global RNG (model init, augmentation)
+        loader = DataLoader(dataset, batch_size=64, num_workers=workers, generator=torch.Generator())
+        images, masks = [], []
+        for image, mask in tqdm(loader, desc=f"loading {len(dataset)} slices onto {device}", leave=False,
+                                disable=None if progress else True):
+            images.append(image.to(device))
+            masks.append(mask.to(device, torch.uint8))
+        self.images, self.masks = torch.cat(images), torch.cat(masks)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.images.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            rows = order[start:start + self.batch_size]
+            yield self.images[rows], self.masks[rows].long()
+
+
+def dataset_bytes(dataset) -> int:
+    """What :class:`DeviceLoader` would hold for ``dataset``: images as float32, masks as uint8."""
+    image, _ = dataset[0]
+    return len(dataset) * (4 * image.numel() + image[0].numel())

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
 
-from data.dataset import (PairAugment, PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files,
-                          task_target)
+from data.dataset import (DeviceLoader, PairAugment, PairFolderDataset, SliceArrayDataset, dataset_bytes,
+                          find_pair_dirs, pair_files, task_target)
 from data.preprocess import preprocess
 from data.split_data import make_splits
 from data.transforms import InputError, read_image, read_mask
@@ -360,3 +361,25 @@ def test_augment_disabled_is_identity():
     image = torch.rand(16, 16)
     img2, m2 = PairAugment(flip=False, rot90=False, intensity=False)(image, mask)
     assert torch.equal(img2, image) and torch.equal(m2, mask)
+
+
+# ----------------------------------------------------------------------------- data held on the device
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_device_loader_serves_the_batches_a_dataloader_would(tiny_processed, drop_last):
+    ds = SliceArrayDataset(tiny_processed, split="train", task="lung+lesion")
+    sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=3)  # rank 1 of 2: its share
+    loader = DeviceLoader(ds, 3, sampler, torch.device("cpu"), drop_last=drop_last, progress=False)
+    reference = DataLoader(ds, 3, sampler=sampler, drop_last=drop_last)
+    assert loader.masks.dtype == torch.uint8  # stored small, served as the int64 the losses take
+    assert dataset_bytes(ds) == len(ds) * 5 * 64 * 64 == loader.images.nbytes + loader.masks.nbytes
+    orders = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader) == len(reference)
+        for (image, mask), (ref_image, ref_mask) in zip(batches, reference, strict=True):
+            assert torch.equal(image, ref_image) and torch.equal(mask, ref_mask) and mask.dtype == torch.int64
+        orders.append(torch.cat([m.flatten() for _, m in batches]))
+        assert set(torch.cat([m for _, m in batches]).unique().tolist()) <= {0, 1, 2}
+    assert len(batches[-1][0]) == (3 if drop_last else (len(sampler) - 1) % 3 + 1)
+    assert not torch.equal(orders[0], orders[1])  # set_epoch reshuffles, as for a DataLoader

@@ -53,3 +53,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(processed, t
     # validation figures are reduced over both ranks: the whole validation set is scored
     h1, h2 = (load_checkpoint(tmp_path / d / "last.pth")["history"] for d in ("one", "two"))
     assert h2[-1]["val_loss"] == pytest.approx(h1[-1]["val_loss"], rel=0.2)
+
+
+def test_two_processes_with_the_data_on_the_device_train_as_with_the_dataloader(processed, tmp_path):
+    common = ("--no-augment", "--amp", "off", "--workers", "0", "--seed", "0")
+    runs = {flag: run(train_argv(processed, tmp_path / flag, *common, flag, epochs=1, batch_size=2), nproc=2)
+            for flag in ("--data-on-device", "--no-data-on-device")}
+    assert "data held on cpu" in runs["--data-on-device"].stdout
+    on, off = (weights(tmp_path / flag / "last.pth") for flag in runs)
+    assert distance(on, off) < 1e-5  # each rank got the same share of the same batches
+    h_on, h_off = (load_checkpoint(tmp_path / flag / "last.pth")["history"][-1] for flag in runs)
+    assert h_on["val_loss"] == pytest.approx(h_off["val_loss"], rel=1e-5)

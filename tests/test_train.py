@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import train
+from data.dataset import SliceArrayDataset, dataset_bytes
 from data.transforms import InputError
 from tests.script_fixtures import (SIZE, export_pairs, processed, run_script, run_train,  # noqa: F401
                                    train_argv, trained)
@@ -248,6 +249,57 @@ def test_memory_layout_does_not_change_the_result(processed, tmp_path):
     a, b = (r["history"][0] for r in runs)
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+
+
+def test_data_on_device_trains_exactly_as_the_dataloader_without_augmentation(processed, tmp_path, capsys):
+    # same sampler, same batches, same model init: only where the batches come from differs
+    runs = [run_train(train_argv(processed, tmp_path / str(i), "--augment", "none", *flags, epochs=2))
+            for i, flags in enumerate(([], ["--data-on-device"]))]
+    assert "data held on cpu" in capsys.readouterr().out
+    for a, b in zip(*(r["history"] for r in runs), strict=True):
+        for key in ("train_loss", "val_loss", "val_dice"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
+
+
+def test_data_on_device_augments_batches_there(processed, tmp_path):
+    runs = {flag: run_train(train_argv(processed, tmp_path / flag, flag, epochs=1))
+            for flag in ("--data-on-device", "--no-data-on-device")}
+    losses = {flag: r["history"][0]["train_loss"] for flag, r in runs.items()}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["--data-on-device"] != losses["--no-data-on-device"]  # BatchAugment drew other transforms
+    recorded = {flag: torch.load(tmp_path / flag / "last.pth", weights_only=True)["args"]["data_on_device"]
+                for flag in runs}
+    assert recorded == {"--data-on-device": True, "--no-data-on-device": False}
+
+
+def test_data_goes_on_the_device_by_default_only_on_a_gpu_with_room(processed, monkeypatch):
+    ds = SliceArrayDataset(processed, "train")
+    need = dataset_bytes(ds)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not train.data_on_device(None, cpu, ds) and train.data_on_device(True, cpu, ds)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * need + 4, 8 * need))
+    assert train.data_on_device(None, cuda, ds) and not train.data_on_device(False, cuda, ds)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * need - 4, 8 * need))
+    assert not train.data_on_device(None, cuda, ds)  # over a quarter of the free memory: the DataLoader
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(processed, tmp_path, monkeypatch, capsys):
+    compiled, real_compile = [], torch.compile
+
+    def compile_(model, **kwargs):  # the aot_eager backend traces as inductor does, without its C++ build
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    runs = [run_train(train_argv(processed, tmp_path / str(i), "--amp", "off", *flags, epochs=1))
+            for i, flags in enumerate(([], ["--compile"]))]
+    assert len(compiled) == 1 and "torch.compile" in capsys.readouterr().out
+    a, b = (r["history"][0] for r in runs)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    ckpt = torch.load(tmp_path / "1" / "last.pth", weights_only=True)
+    assert not any(key.startswith("_orig_mod") for key in ckpt["model"])  # the unwrapped module was saved
+    model_from_checkpoint(ckpt)  # loads strictly
 
 
 # ----------------------------------------------------------------------------- bad input
