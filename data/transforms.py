@@ -58,9 +58,12 @@ def normalize(x: np.ndarray, norm: str, window=None) -> np.ndarray:
             raise ValueError(f"degenerate window {low}..{high}: need LOW < HIGH")
         return np.clip((x - low) / (high - low), 0.0, 1.0, dtype=np.float32)
     if norm == "minmax":
-        lo = x.min(axis=(-2, -1), keepdims=True)
-        span = x.max(axis=(-2, -1), keepdims=True) - lo
-        return np.divide(x - lo, span, out=np.zeros_like(x), where=span > 0)
+        # halved first: max - min of float32 values beyond +-1.7e38 would overflow to inf. Halving is exact
+        # (short of subnormals), so everywhere else this equals (x - min) / (max - min) bit for bit.
+        half = x * np.float32(0.5)
+        lo = half.min(axis=(-2, -1), keepdims=True)
+        span = half.max(axis=(-2, -1), keepdims=True) - lo
+        return np.divide(half - lo, span, out=np.zeros_like(x), where=span > 0)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 

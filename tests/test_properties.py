@@ -241,14 +241,22 @@ def test_float_image_with_nan_pixels_is_refused(tmp_path):
         read_image(tmp_path / "nan.tif")
 
 
-@pytest.mark.xfail(strict=True, reason="normalize(minmax) computes max - min in float32, which overflows for "
-                                       "values beyond +-1.7e38; see docs/RELIABILITY.md")
 def test_minmax_survives_the_whole_float32_range():
     x = np.array([[[-3e38, 0.0], [1.0, 3e38]]], dtype=np.float32)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("error", RuntimeWarning)  # no overflow on the way
         y = normalize(x, "minmax")
     assert np.isfinite(y).all() and y.min() == 0 and y.max() == 1
+    assert y[0, 0, 1] == pytest.approx(0.5) and y[0, 1, 0] == pytest.approx(0.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, (2, 5, 7), elements=st.floats(-1e6, 1e6, width=32)))
+def test_minmax_equals_the_plain_formula_bit_for_bit(x):
+    lo = x.min(axis=(-2, -1), keepdims=True)
+    span = x.max(axis=(-2, -1), keepdims=True) - lo
+    plain = np.divide(x - lo, span, out=np.zeros_like(x), where=span > 0)
+    np.testing.assert_array_equal(normalize(x, "minmax"), plain)
 
 
 # ----------------------------------------------------------------------------- image readers

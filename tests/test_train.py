@@ -272,6 +272,18 @@ def test_data_on_device_augments_batches_there(processed, tmp_path):
     assert recorded == {"--data-on-device": True, "--no-data-on-device": False}
 
 
+def test_data_on_device_resumes_to_the_same_weights(processed, tmp_path):
+    # its augmentation draws from the main process's generator, reseeded every epoch, as resume needs
+    flags = ("--data-on-device", "--deterministic", "--amp", "off", "--sched", "none")
+    straight = run_train(train_argv(processed, tmp_path / "straight", *flags, epochs=2))
+    run_train(train_argv(processed, tmp_path / "run", *flags, epochs=1))
+    resumed = run_train(train_argv(processed, tmp_path / "run", *flags, "--resume", str(tmp_path / "run" / "last.pth"),
+                                   epochs=2))
+    assert resumed["history"][-1]["train_loss"] == straight["history"][-1]["train_loss"]
+    a, b = (torch.load(tmp_path / d / "last.pth", weights_only=True)["model"] for d in ("straight", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_data_goes_on_the_device_by_default_only_on_a_gpu_with_room(processed, monkeypatch):
     ds = SliceArrayDataset(processed, "train")
     need = dataset_bytes(ds)
