@@ -1,7 +1,7 @@
 """Training, inference and data-loading throughput of the project's code, beside a plain baseline.
 
     python bench/speed.py --model unet --device cpu --batch-size 8 [--steps 6] [--json]
-    python bench/speed.py --model unet --device cuda --batch-size 256 --steps 30 --compile --json
+    python bench/speed.py --model unet --device cuda --batch-size 128 --steps 30 --compile --json
 
 Measures in one run, after warm-up, at --size x --size:
   train     the training step train.py runs (its precision, memory-layout and data-placement defaults, Adam,

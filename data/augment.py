@@ -56,27 +56,25 @@ class BatchAugment:
             raise ValueError(f"masks are {tuple(masks.shape)}, images {tuple(images.shape)}: need (N, H, W)")
         if self.rot90 and h != w:
             raise ValueError(f"images are {h}x{w}: 90-degree turns need square images")
-        device = images.device
-        draws = torch.rand(2, n)  # on the CPU generator, as PairAugment's: the same seed, the same run anywhere
+        # drawn on the CPU generator, as PairAugment's (the same seed, the same run on any device), and
+        # copied to the device once: no per-choice transfer, no sync
+        u = torch.rand(6, n).to(images.device)
 
         def where(pick: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.where(pick.to(device).view(-1, *[1] * (a.dim() - 1)), a, b)
+            return torch.where(pick.view(-1, *[1] * (a.dim() - 1)), a, b)
 
         if self.flip:
-            on = draws[0] < 0.5
-            images, masks = where(on, images.flip(-1), images), where(on, masks.flip(-1), masks)
+            images, masks = where(u[0] < 0.5, images.flip(-1), images), where(u[0] < 0.5, masks.flip(-1), masks)
         if self.rot90:
-            turns = (draws[1] * 4).long()
+            turns = (u[1] * 4).long()
             rotated_images, rotated_masks = images, masks
             for k in (1, 2, 3):
-                on = turns == k
-                rotated_images = where(on, torch.rot90(images, k, (-2, -1)), rotated_images)
-                rotated_masks = where(on, torch.rot90(masks, k, (-2, -1)), rotated_masks)
+                rotated_images = where(turns == k, torch.rot90(images, k, (-2, -1)), rotated_images)
+                rotated_masks = where(turns == k, torch.rot90(masks, k, (-2, -1)), rotated_masks)
             images, masks = rotated_images, rotated_masks
         if self.intensity:
-            on = torch.rand(n) < 0.5
-            contrast, brightness, gamma = (v.to(device).view(-1, 1, 1, 1) for v in jitter_params(*torch.rand(3, n)))
-            images = where(on, intensity_jitter(images, contrast, brightness, gamma), images)
+            contrast, brightness, gamma = (v.view(-1, 1, 1, 1) for v in jitter_params(u[3], u[4], u[5]))
+            images = where(u[2] < 0.5, intensity_jitter(images, contrast, brightness, gamma), images)
         return images.contiguous(), masks.contiguous()
 
 
