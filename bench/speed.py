@@ -37,7 +37,7 @@ from data.augment import BatchAugment  # noqa: E402
 from data.dataset import DeviceLoader, PairAugment, SliceArrayDataset  # noqa: E402
 from models import build_model  # noqa: E402
 from train import data_on_device, default_loss, output_channels  # noqa: E402
-from utils.helpers import amp_dtype, autocast, cpu_has_bf16, resolve_device  # noqa: E402
+from utils.helpers import amp_dtype, autocast, cpu_has_bf16, resolve_device, seed_everything  # noqa: E402
 from utils.inference import class_probs  # noqa: E402
 from utils.losses import get_loss  # noqa: E402
 
@@ -145,7 +145,7 @@ def matmul_peak(device, dtype, size: int, reps: int) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
+    seed_everything(0)  # as train.py: cuDNN autotuning on
     device = resolve_device(args.device)
     dtype = amp_dtype(device, args.amp)
     loss_name = default_loss(args.model, "lesion")

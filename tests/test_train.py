@@ -18,6 +18,7 @@ from tests.script_fixtures import (SIZE, export_pairs, processed, run_script, ru
                                    train_argv, trained)
 from utils.checkpoint import model_from_checkpoint
 from utils.cli import run_cli
+from utils.helpers import seed_everything
 
 EPOCH_LINE = re.compile(r"^train_loss: (\S+) \| val_loss: (\S+) \| val_dice: (\S+) \| val_iou: (\S+)")
 
@@ -293,6 +294,16 @@ def test_data_goes_on_the_device_by_default_only_on_a_gpu_with_room(processed, m
     assert train.data_on_device(None, cuda, ds) and not train.data_on_device(False, cuda, ds)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * need - 4, 8 * need))
     assert not train.data_on_device(None, cuda, ds)  # over a quarter of the free memory: the DataLoader
+
+
+def test_cudnn_autotuning_is_on_unless_deterministic(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *args, **kwargs: None)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seed_everything(0)
+    assert torch.backends.cudnn.benchmark is True
+    seed_everything(0, deterministic=True)
+    assert torch.backends.cudnn.benchmark is False
 
 
 def test_compiled_training_matches_eager_and_saves_plain_weights(processed, tmp_path, monkeypatch, capsys):

@@ -61,14 +61,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch; ``deterministic`` also asks torch for deterministic kernels."""
+    """Seed Python, NumPy and torch; ``deterministic`` also asks torch for deterministic kernels.
+
+    Otherwise cuDNN times its convolution algorithms on the first batch of each shape and keeps the
+    fastest (``cudnn.benchmark``): training slices all have one size, so that search is paid once.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 # ----------------------------------------------------------------------------- atomic writes
