@@ -58,12 +58,13 @@ def normalize(x: np.ndarray, norm: str, window=None) -> np.ndarray:
             raise ValueError(f"degenerate window {low}..{high}: need LOW < HIGH")
         return np.clip((x - low) / (high - low), 0.0, 1.0, dtype=np.float32)
     if norm == "minmax":
-        # halved first: max - min of float32 values beyond +-1.7e38 would overflow to inf. Halving is exact
-        # (short of subnormals), so everywhere else this equals (x - min) / (max - min) bit for bit.
-        half = x * np.float32(0.5)
-        lo = half.min(axis=(-2, -1), keepdims=True)
-        span = half.max(axis=(-2, -1), keepdims=True) - lo
-        return np.divide(half - lo, span, out=np.zeros_like(x), where=span > 0)
+        lo, hi = x.min(axis=(-2, -1), keepdims=True), x.max(axis=(-2, -1), keepdims=True)
+        # a slice whose max - min overflows float32 (values beyond +-1.7e38) is halved first, which is exact
+        # at that scale; every other slice is scaled by 1 and gets (x - min) / (max - min) bit for bit
+        with np.errstate(over="ignore"):
+            scale = np.where(np.isinf(hi - lo), np.float32(0.5), np.float32(1.0))
+        lo, span = lo * scale, hi * scale - lo * scale
+        return np.divide(x * scale - lo, span, out=np.zeros_like(x), where=span > 0)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
