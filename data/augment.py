@@ -23,6 +23,14 @@ import torch.nn.functional as F
 AUGMENT_LEVELS = ("none", "basic", "strong")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor (the random draws) on ``device``. To a GPU the copy goes from pinned memory and
+    asynchronously: a plain copy would make the host wait for the GPU's queue, a sync every batch."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def intensity_jitter(image: torch.Tensor, contrast, brightness, gamma) -> torch.Tensor:
     """Mild CT intensity jitter on [0, 1] images: gamma, then contrast and brightness, clipped to [0, 1].
 
@@ -57,8 +65,8 @@ class BatchAugment:
         if self.rot90 and h != w:
             raise ValueError(f"images are {h}x{w}: 90-degree turns need square images")
         # drawn on the CPU generator, as PairAugment's (the same seed, the same run on any device), and
-        # copied to the device once: no per-choice transfer, no sync
-        u = torch.rand(6, n).to(images.device)
+        # copied to the device once
+        u = to_device(torch.rand(6, n), images.device)
 
         def where(pick: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.where(pick.view(-1, *[1] * (a.dim() - 1)), a, b)
@@ -109,10 +117,10 @@ class SpatialAugment:
         shift = self.shift * 2 * (2 * torch.rand(n, 2) - 1) * on[:, None]  # normalized coords span 2
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta.to(device), [n, 1, height, width], align_corners=False)
+        grid = F.affine_grid(to_device(theta, device), [n, 1, height, width], align_corners=False)
         if self.elastic > 0:
             coarse = torch.randn(n, 2, self.grid, self.grid) * (2 * self.elastic) * on[:, None, None, None]
-            field = F.interpolate(coarse.to(device), size=(height, width), mode="bicubic", align_corners=True)
+            field = F.interpolate(to_device(coarse, device), size=(height, width), mode="bicubic", align_corners=True)
             grid = grid + field.permute(0, 2, 3, 1)
         return grid
 
@@ -128,6 +136,6 @@ class SpatialAugment:
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         labels = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
         if self.noise > 0:
-            sigma = (self.noise * torch.rand(n, 1, 1, 1)).to(images.device)
+            sigma = to_device(self.noise * torch.rand(n, 1, 1, 1), images.device)
             out = (out + sigma * torch.randn_like(out)).clamp_(0, 1)
         return out.to(images.dtype), labels[:, 0].round().to(masks.dtype)

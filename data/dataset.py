@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from data.augment import intensity_jitter, jitter_params
 from data.transforms import IMAGE_SUFFIXES, InputError, load_image_slice, read_mask, resize_masks
@@ -255,8 +256,6 @@ class DeviceLoader:
 
     def __init__(self, dataset, batch_size: int, sampler, device: torch.device, drop_last: bool = False,
                  workers: int = 0, progress: bool = True):
-        from tqdm import tqdm
-
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         # a generator of its own: reading the data must not draw from the global RNG (model init, augmentation)
         loader = DataLoader(dataset, batch_size=64, num_workers=workers, generator=torch.Generator())
