@@ -259,12 +259,19 @@ class DeviceLoader:
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         # a generator of its own: reading the data must not draw from the global RNG (model init, augmentation)
         loader = DataLoader(dataset, batch_size=64, num_workers=workers, generator=torch.Generator())
-        images, masks = [], []
+        image, mask = dataset[0]
+        try:  # allocated whole up front: the set is on the device once, never twice
+            self.images = torch.empty((len(dataset), *image.shape), dtype=image.dtype, device=device)
+            self.masks = torch.empty((len(dataset), *mask.shape), dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError:
+            raise InputError(f"{len(dataset)} slices ({dataset_bytes(dataset) / 2**30:.1f} GiB) do not fit on "
+                             f"{device}: train with --no-data-on-device") from None
+        start = 0
         for image, mask in tqdm(loader, desc=f"loading {len(dataset)} slices onto {device}", leave=False,
                                 disable=None if progress else True):
-            images.append(image.to(device))
-            masks.append(mask.to(device, torch.uint8))
-        self.images, self.masks = torch.cat(images), torch.cat(masks)
+            self.images[start:start + len(image)] = image
+            self.masks[start:start + len(mask)] = mask
+            start += len(image)
 
     def __len__(self) -> int:
         n = len(self.sampler)

@@ -383,3 +383,14 @@ def test_device_loader_serves_the_batches_a_dataloader_would(tiny_processed, dro
         assert set(torch.cat([m for _, m in batches]).unique().tolist()) <= {0, 1, 2}
     assert len(batches[-1][0]) == (3 if drop_last else (len(sampler) - 1) % 3 + 1)
     assert not torch.equal(orders[0], orders[1])  # set_epoch reshuffles, as for a DataLoader
+
+
+def test_device_loader_says_when_the_data_does_not_fit(tiny_processed, monkeypatch):
+    ds = SliceArrayDataset(tiny_processed, split="train")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+
+    monkeypatch.setattr(torch, "empty", out_of_memory)
+    with pytest.raises(InputError, match=rf"{len(ds)} slices \(0.0 GiB\) do not fit on cpu: .*--no-data-on-device"):
+        DeviceLoader(ds, 4, range(len(ds)), torch.device("cpu"), progress=False)
