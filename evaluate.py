@@ -5,6 +5,11 @@
     python evaluate.py --checkpoint CKPT --data data/synthetic --splits data/processed/splits.json --split test
         (NIfTI volumes with masks: per-patient 3D Dice of lesion and lung, infection-percentage error)
 
+--split names the part scored (default test); a folder of pairs without parts (Imgs/ + GT/, images/ +
+masks/), or volumes without --splits, are scored whole, as "all". A requested part that is not there is
+an error, never another part. The split scored is recorded in results.json and names the output folder.
+Ground-truth volumes are read with preprocessing's own checks (data.transforms.read_mask_volume).
+
 Writes OUT/results.json, OUT/per_image.csv and OUT/cases.png (CT / ground truth / prediction for the best
 and worst slices). Pooled figures come from TP/FP/FN/TN summed over the whole set. Per-image and
 per-patient figures are mean +- sd over the images (patients) where the metric is defined: Dice and IoU
@@ -24,14 +29,15 @@ import torch
 from tqdm import tqdm
 
 from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
-from data.transforms import (InputError, is_nifti, load_nifti, read_mask, read_volume_data, resize_images,
-                             to_axial_slices, voxel_spacing)
+import data.transforms as transforms
+from data.transforms import (InputError, check_mask_header, is_nifti, load_nifti, read_mask, read_mask_volume,
+                             resize_images)
 from utils.cli import add_runtime_args
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.helpers import amp_dtype, atomic_write, plot_cases, resolve_device, write_csv
 from utils.inference import inference_model, class_targets, predict
 from utils.metrics import SegmentationMeter, metrics_from_counts, threshold_averaged_dice
-from utils.volumes import dice_3d, volume_report
+from utils.volumes import dice_3d, volume_report, voxel_volume_ml
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy", "f1")
 # Scores of the probability map itself, as the Inf-Net paper reports them (Fan et al., IEEE TMI 2020)
@@ -46,25 +52,60 @@ def _map_scores(prob: torch.Tensor, target: torch.Tensor) -> dict:
             "mae": float((prob.float().cpu() - truth).abs().mean())}
 
 
-def load_eval_dataset(data: str | Path, split: str, ckpt: dict):
-    """The dataset to score: a split of a preprocessed folder, or a folder of pairs (its ``split`` part if any)."""
+ALL = "all"  # --split all: every pair of a folder that has no parts (Imgs/ + GT/, images/ + masks/)
+
+
+def _pair_parts(data: Path) -> list[str]:
+    """The parts of a split pair folder: PART_images/ + PART_masks/, or PART/images/ + PART/masks/."""
+    parts = {p.name[: -len("_images")] for p in data.glob("*_images")}
+    parts = {part for part in parts if (data / f"{part}_images").is_dir() and (data / f"{part}_masks").is_dir()}
+    parts |= {p.parent.name for p in data.glob("*/images") if p.is_dir() and (p.parent / "masks").is_dir()}
+    return sorted(parts)
+
+
+def pair_dirs_to_score(data: str | Path, split: str | None) -> tuple[tuple[Path, Path], str]:
+    """The (images, masks) folders of a pair folder to score, and the split they are.
+
+    A folder with parts (train/val/test) is scored on ``split`` (default "test"); one unsplit set of pairs
+    (Imgs/ + GT/, images/ + masks/) on all of them, as ``split`` None or "all". Anything else, a requested
+    part that is not there above all, raises InputError naming what the folder holds: never another part.
+    """
+    data = Path(data)
+    parts = _pair_parts(data) if data.is_dir() else []
+    if parts:
+        want = split or "test"
+        if want not in parts:
+            raise InputError(f"{data}: no {want!r} part of image-mask pairs (it has {', '.join(parts)}); "
+                             f"choose one with --split")
+        return find_pair_dirs(data, want), want
+    dirs = find_pair_dirs(data, ALL)  # the unsplit layouts; part names do not apply to them
+    if dirs is None:
+        raise InputError(f"{data}: neither a preprocessed folder (images.npy) nor a folder of image-mask pairs "
+                         f"(PART_images/ + PART_masks/, PART/images/ + PART/masks/, Imgs/ + GT/ or images/ + masks/)")
+    if split not in (None, ALL):
+        raise InputError(f"{data}: one unsplit set of image-mask pairs ({dirs[0]} + {dirs[1].name}/), no "
+                         f"{split!r} part; pass --split all to score every pair in it")
+    return dirs, ALL
+
+
+def load_eval_dataset(data: str | Path, split: str | None, ckpt: dict):
+    """The dataset to score and the split it is: a split of a preprocessed folder (default "test"), or
+    pairs of a pair folder (see :func:`pair_dirs_to_score`)."""
     data = Path(data)
     prep = ckpt["preprocessing"]
     if (data / "images.npy").is_file():
-        ds = SliceArrayDataset(data, split, ckpt["task"])
+        split = split or "test"
+        ds = SliceArrayDataset(data, None if split == ALL else split, ckpt["task"])
         mine = {k: ds.preprocessing.get(k) for k in ("size", "norm", "window")}
         theirs = {k: prep.get(k) for k in ("size", "norm", "window")}
         if mine != theirs:
             raise InputError(f"{data} was preprocessed with {mine}, the checkpoint was trained on {theirs}; "
                              f"preprocess the volumes again with the checkpoint's settings")
-        return ds
-    dirs = find_pair_dirs(data, split) or find_pair_dirs(data, "val")
-    if dirs is None:
-        raise InputError(f"{data}: neither a preprocessed folder (images.npy) nor a folder of image-mask pairs "
-                         f"({split}_images/ + {split}_masks/, or Imgs/ + GT/)")
+        return ds, split
+    dirs, split = pair_dirs_to_score(data, split)
     if ckpt["task"] != "lesion":
         raise InputError(f"{data}: image-mask pairs hold lesion masks; this checkpoint predicts {ckpt['task']}")
-    return PairFolderDataset(pair_files(*dirs), prep)
+    return PairFolderDataset(pair_files(*dirs), prep), split
 
 
 def _mean_sd(rows: list[dict], key: str) -> tuple[float, float, int]:
@@ -135,15 +176,19 @@ def format_table(name: str, res: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
+def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None, out: str | Path | None = None,
              threshold: float = 0.5, device: str = "auto", amp: str = "auto", batch_size: int = 8,
              n_figure: int = 3, progress: bool = True, tta: bool | None = None,
              pairs: list[tuple[Path, Path]] | None = None) -> dict:
     """Score a checkpoint on a dataset, write results.json / per_image.csv / cases.png, return the results.
 
     Args:
+        split: the part to score: of splits.json for a preprocessed folder (default "test"); of a pair folder
+            with parts (default "test"); "all" (or None) for a pair folder without parts. A requested part
+            that is not there is an error. Recorded in results.json and in the default output folder name.
         tta: flip test-time augmentation (utils.inference.predict); None: as the checkpoint's run asked.
-        pairs: score these (image, mask) files instead of ``data`` (e.g. the validation part of a fold).
+        pairs: score these (image, mask) files instead of ``data`` (e.g. the validation part of a fold);
+            ``split`` then only names them (default "pairs").
     """
     ckpt = load_checkpoint(checkpoint)
     task = ckpt["task"]
@@ -154,10 +199,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     if pairs is not None:
         if task != "lesion":
             raise InputError(f"image-mask pairs hold lesion masks; {checkpoint} predicts {task}")
-        ds = PairFolderDataset(pairs, ckpt["preprocessing"])
+        ds, split = PairFolderDataset(pairs, ckpt["preprocessing"]), split or "pairs"
     else:
-        ds = load_eval_dataset(data, split, ckpt)
+        ds, split = load_eval_dataset(data, split, ckpt)
     pairs = isinstance(ds, PairFolderDataset)
+    print(f"scoring {len(ds)} {'image-mask pairs' if pairs else 'slices'} of {data} (split: {split})")
+    note = transforms.image_files_note(ckpt["preprocessing"]) if pairs else None  # once per run, not per file
+    if note:
+        print(note)
     names = list(class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task))
     meters = {n: SegmentationMeter() for n in names}
     main = "lesion" if "lesion" in names else "lung"
@@ -185,7 +234,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
                 meters[n].update(probs[n], targets[n], threshold, cases)
             extras.extend(_map_scores(p, t) for p, t in zip(probs[main], targets[main]))
 
-    results = {"checkpoint": str(checkpoint), "data": str(data), "split": None if pairs else split,
+    results = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
                "threshold": threshold, "tta": tta, "task": task, "structures": {}}
     per_image_rows = []
     for n in names:
@@ -233,21 +282,16 @@ def _figure(model, ds, rows, main, task, dev, dtype, threshold, n, path, tta=Fal
     plot_cases(imgs, gts, preds, titles, path)
 
 
-def _read_truth(path: Path, affine, kind: str) -> np.ndarray:
-    """A ground-truth mask volume in display orientation, labels kept (uint8)."""
-    data = read_volume_data(load_nifti(path, kind), path, kind)
-    return to_axial_slices(np.rint(data).astype(np.uint8), affine)
-
-
 def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path | None = None,
                      threshold: float = 0.5, device: str = "auto", amp: str = "auto", batch_size: int = 8,
-                     splits: str | Path | None = None, split: str = "test", progress: bool = True) -> dict:
+                     splits: str | Path | None = None, split: str | None = None, progress: bool = True) -> dict:
     """Score a checkpoint on whole NIfTI volumes with ground truth: per-patient 3D Dice of lesion and lung,
     and the absolute error of the infection percentage, at the scans' own resolution.
 
     Args:
         data: a folder of volumes in a layout data.preprocess reads, with lesion (and lung) masks.
-        splits: optional splits.json (by patient) restricting the cases to its ``split`` part.
+        splits: optional splits.json (by patient) restricting the cases to its ``split`` part (default
+            "test"); without it every volume is scored, and a ``split`` other than "all" is an error.
     """
     from data.preprocess import find_cases
     from infer import Predictor
@@ -255,22 +299,32 @@ def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path |
     cases = find_cases(data)
     if cases[0].lesion is None:
         raise InputError(f"{data}: these volumes have no lesion masks to evaluate against")
+    if not splits and split not in (None, ALL):
+        raise InputError(f"{data}: --split {split} needs --splits SPLITS.json to say which volumes are {split!r}; "
+                         f"pass it, or --split all to score every volume")
     if splits:
+        split = split or "test"
         chosen = json.loads(Path(splits).read_text()).get(split)
         if chosen is None:
             raise InputError(f"{splits}: no {split!r} split")
         cases = [c for c in cases if c.name in set(chosen)]
         if not cases:
             raise InputError(f"{splits}: none of the {split!r} cases are volumes in {data}")
+    for case in cases:  # every mask on its image's grid before any prediction (the voxels are checked below)
+        image = load_nifti(case.image, "image")
+        for kind, path in (("lesion mask", case.lesion), ("lung mask", case.lung)):
+            if path is not None:
+                check_mask_header(load_nifti(path, kind), image, path, kind)
     predictor = Predictor(checkpoint, device, amp, batch_size)
     rows = []
     for case in tqdm(cases, desc="volumes", unit="vol", disable=None if progress else True):
         img, _, masks = predictor.predict_volume(case.image, threshold)
-        lesion = _read_truth(case.lesion, img.affine, "lesion mask") > 0
-        lung = _read_truth(case.lung, img.affine, "lung mask") if case.lung is not None else None
-        spacing = voxel_spacing(img)
-        truth = volume_report(lesion, lung, spacing)
-        pred = volume_report(masks.get("lesion"), masks.get("lung"), spacing)
+        # the ground truth is read with preprocessing's own checks: grid, orientation, labels 0..255
+        lesion = read_mask_volume(case.lesion, img, "lesion mask")[0] > 0
+        lung = read_mask_volume(case.lung, img, "lung mask")[0] if case.lung is not None else None
+        voxel_ml = voxel_volume_ml(img.affine)
+        truth = volume_report(lesion, lung, voxel_ml)
+        pred = volume_report(masks.get("lesion"), masks.get("lung"), voxel_ml)
         row = {"case": case.name, "lesion_dice_3d": dice_3d(masks["lesion"], lesion) if "lesion" in masks else None,
                "lung_dice_3d": dice_3d(masks["lung"], lung) if ("lung" in masks and lung is not None) else None,
                "lesion_ml_true": truth["lesion_ml"], "lesion_ml_pred": pred["lesion_ml"],
@@ -284,7 +338,8 @@ def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path |
         vals = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
         summary[key] = {"mean": float(np.mean(vals)) if vals else None,
                         "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals)}
-    results = {"checkpoint": str(checkpoint), "data": str(data), "threshold": threshold, "kind": "volumes",
+    split = split if splits else ALL
+    results = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "threshold": threshold, "kind": "volumes",
                "rule": "3D Dice over each whole volume at its own resolution; nan (excluded) when the volume "
                        "has no lesion and none is predicted", "summary": summary, "patients": rows}
     print(f"{'case':<24}{'lesion Dice':>12}{'lung Dice':>11}{'infection % true':>18}{'pred':>8}{'|error|':>9}")
@@ -295,7 +350,7 @@ def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path |
               f"{fmt(r['infection_percent_abs_error'], '{:.2f}'):>9}")
     for key, m in summary.items():
         print(f"{key}: {fmt(m['mean'])} ± {fmt(m['sd'])} (n={m['n']})")
-    out = Path(out) if out else Path(checkpoint).parent / "eval-volumes"
+    out = Path(out) if out else Path(checkpoint).parent / ("eval-volumes" if split == ALL else f"eval-volumes-{split}")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "results.json") as tmp:
         tmp.write_text(json.dumps(finite_or_none(results), indent=1, allow_nan=False))
@@ -318,8 +373,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/best_model.pth")
     p.add_argument("--data", default="data/processed", help="preprocessed folder or folder of image-mask pairs")
-    p.add_argument("--split", default="test", help="split of splits.json (or part of a pair folder)")
-    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval-SPLIT, or eval-volumes)")
+    p.add_argument("--split", default=None,
+                   help="part to score: of splits.json (default test), of a pair folder with parts (default test); "
+                        "'all' for a pair folder without parts (Imgs/ + GT/, images/ + masks/, the default there)")
+    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval-SPLIT, "
+                                                "or eval-volumes[-SPLIT])")
     p.add_argument("--splits", default=None, help="volumes only: splits.json whose --split cases to score")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

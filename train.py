@@ -17,6 +17,8 @@ before those weights are saved. See docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import math
 import os
 import time
@@ -44,6 +46,7 @@ from data.dataset import (TASK_CLASSES, TASKS, DeviceLoader, PairAugment, PairFo
 from data.split_data import kfold, write_json  # noqa: E402
 from data.transforms import InputError, make_preprocessing  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
+from utils.base import exclusive_lock  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
 from utils.checkpoint import (load_checkpoint, remove_stale_temp_files, restore_rng_states, rng_states,  # noqa: E402
                               safe_load, save_checkpoint)
@@ -57,6 +60,7 @@ from utils import distributed  # noqa: E402
 
 OUTPUTS = ("last.pth", "best_model.pth", "history.csv", "curves.png")
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_score", "history")
+LOCK_HOLDER = "another train.py run"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -78,6 +82,65 @@ def output_channels(loss: str, task: str) -> int:
             raise InputError(f"--loss {loss} is binary; task {task!r} has {TASK_CLASSES[task]} classes: use ce or ce_dice")
         return 1
     return TASK_CLASSES[task]
+
+
+def is_better(score: float, loss: float, best_score: float, best_loss: float) -> bool:
+    """Whether an epoch beats the best so far for best_model.pth: a higher validation score, or the same
+    score with a lower validation loss (a run whose Dice stays 0 keeps improving its loss, and the model
+    kept should be the one that learned most, not epoch 1)."""
+    return score > best_score or (score == best_score and loss < best_loss)
+
+
+def best_epoch(history: list[dict]) -> dict | None:
+    """The history row best_model.pth holds, by the rule of :func:`is_better` (the first of equals)."""
+    best = None
+    for row in history:
+        if best is None or is_better(row["val_score"], row["val_loss"], best["val_score"], best["val_loss"]):
+            best = row
+    return best
+
+
+def data_record(data: str | Path, kind: str, train_set, val_set) -> dict:
+    """What identifies a run's data for --resume: which cases (or pair files) it trains and validates on.
+
+    The items are named and counted (a fingerprint of the sorted names), not located: a folder moved or
+    copied elsewhere is the same data, while another dataset, another split, fold or validation fraction
+    is not. The resolved path is recorded for the message.
+    """
+    names = [sorted(d.case_of(i) for i in range(len(d))) for d in (train_set, val_set)]
+    digest = hashlib.sha256(repr(names).encode()).hexdigest()[:16]
+    return {"path": str(Path(data).resolve()), "kind": kind, "train": len(train_set), "val": len(val_set),
+            "items": digest}
+
+
+def resume_mismatch(ckpt: dict, state: dict) -> str | None:
+    """What differs between a checkpoint and the run asked to continue it (data, preprocessing, task,
+    model, loss), as a phrase naming the first such change; None when the run may resume."""
+    if ckpt["model_config"] != state["model_config"] or ckpt.get("task") != state["task"]:
+        return (f"holds {ckpt['model_config']} for task {ckpt.get('task')!r}; asked for {state['model_config']} for "
+                f"task {state['task']!r} (pass the checkpoint's --model/--width/--aux/--loss/--task)")
+    # a record the checkpoint lacks (an older or a slimmed file) is not compared
+    loss = ckpt.get("loss", state["loss"])
+    batch_dice = ckpt.get("args", {}).get("batch_dice", state["args"]["batch_dice"])
+    if (loss, batch_dice) != (state["loss"], state["args"]["batch_dice"]):
+        held = f"{loss}{'' if batch_dice else ' --no-batch-dice'}"
+        asked = f"{state['loss']}{'' if state['args']['batch_dice'] else ' --no-batch-dice'}"
+        return f"was trained with loss {held}, asked for {asked} (pass the checkpoint's --loss/--batch-dice)"
+    held, asked = ckpt.get("preprocessing", state["preprocessing"]), state["preprocessing"]
+    if held != asked:
+        keys = sorted(k for k in {*held, *asked} if held.get(k) != asked.get(k))
+        diff = ", ".join(f"{k} {held.get(k)!r} there, {asked.get(k)!r} now" for k in keys[:3])
+        return f"was trained with other preprocessing ({diff}) (pass the checkpoint's --size, or its data)"
+    held, asked = ckpt.get("data"), state["data"]
+    if held is not None:
+        if held["kind"] != asked["kind"] or (held["train"], held["val"]) != (asked["train"], asked["val"]):
+            return (f"was trained on {held['train']} train / {held['val']} val {held['kind']} items of "
+                    f"{held['path']}; --data {state['args']['data']} gives {asked['train']} / {asked['val']} "
+                    f"(pass the checkpoint's --data/--folds/--fold/--val-fraction/--seed)")
+        if held["items"] != asked["items"]:
+            return (f"was trained on other cases than --data {state['args']['data']} gives (same counts, other "
+                    f"names; it used {held['path']}) (pass the checkpoint's --data/--folds/--fold/--seed)")
+    return None
 
 
 def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, seed: int, augment: str,
@@ -217,6 +280,22 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
+def where_saved(out: Path, best_row: dict | None, resume: str | None, best_saved: bool) -> str:
+    """What the run left in OUT, naming only files that hold it. ``best_saved``: this process wrote
+    OUT/best_model.pth. A resumed run whose best epoch came before the resume has it beside the checkpoint
+    it resumed from (the same file when that is OUT), not necessarily in OUT."""
+    earlier = Path(resume).parent if resume else None
+    best_here = best_saved or (earlier is not None and earlier.resolve() == out.resolve())
+    files = [name for name in ("best_model.pth", "last.pth", "history.csv", "curves.png")
+             if (out / name).is_file() and (name != "best_model.pth" or best_here)]
+    said = f"{', '.join(files)} in {out}/" if files else f"nothing written to {out}/ (no epoch was left to train)"
+    if best_row and "best_model.pth" not in files:
+        said += (f"; epoch {best_row['epoch']}'s best_model.pth is {earlier / 'best_model.pth'}"
+                 if earlier is not None and (earlier / "best_model.pth").is_file()
+                 else f"; no best_model.pth of epoch {best_row['epoch']} was kept")
+    return said
+
+
 def diverged_message(what: str, saved, out: Path, args: argparse.Namespace) -> str:
     """One line: what went wrong, what is on disk, what to try."""
     kept = f"{saved[0]} still holds epoch {saved[1]}" if saved else f"nothing was saved to {out}/"
@@ -274,18 +353,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     """Train once, or with --folds K (and no --fold) once per fold into OUT/fold<i>, then report the
     cross-validated scores in OUT/cv.json (see :func:`cross_validate`)."""
-    if not args.folds or args.fold is not None:
-        if args.fold is not None and not 0 <= args.fold < max(args.folds, 1):
-            raise InputError(f"--fold {args.fold} needs --folds K with 0 <= fold < K")
-        return train(args)
-    return cross_validate(args)
+    with contextlib.ExitStack() as hold:
+        if not args.folds or args.fold is not None:
+            if args.fold is not None and not 0 <= args.fold < max(args.folds, 1):
+                raise InputError(f"--fold {args.fold} needs --folds K with 0 <= fold < K")
+            return train(args, hold)
+        return cross_validate(args, hold)
 
 
 def _mean_sd(values: list[float]) -> dict:
     return {"mean": float(np.nanmean(values)), "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else None}
 
 
-def cross_validate(args: argparse.Namespace) -> dict:
+def cross_validate(args: argparse.Namespace, hold: contextlib.ExitStack | None = None) -> dict:
     """K-fold cross-validation: one run per fold, each scored on its own validation part.
 
     Each fold's final model (last.pth, not the epoch that scored best on this very validation part, which
@@ -293,9 +373,15 @@ def cross_validate(args: argparse.Namespace) -> dict:
     resolution, with flip TTA if --tta: mean per-image Dice and IoU at 0.5 and Inf-Net's threshold-averaged
     Dice. OUT/cv.json holds every fold's figures, their mean +- sd over folds, and the out-of-fold means
     over all images (each image scored once, by the model that did not train on it).
+
+    With ``hold``, OUT is locked against other train.py runs (see :func:`train`) until ``hold`` closes.
     """
     from evaluate import evaluate, finite_or_none  # only here: evaluate.py imports nothing from training
 
+    if hold is not None and int(os.environ.get("RANK", "0")) == 0:
+        build_datasets(args.data, args.task, args.size, args.val_fraction, args.seed, "none", args.folds, 0)
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # only once the data is known to be there
+        hold.enter_context(exclusive_lock(args.out, LOCK_HOLDER))
     runs, scores = [], {"dice": [], "iou": [], "dice_threshold_averaged": [], "n": []}
     for i in range(args.folds):
         out = Path(args.out) / f"fold{i}"
@@ -304,7 +390,8 @@ def cross_validate(args: argparse.Namespace) -> dict:
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 scores
             continue
         res = evaluate(out / "last.pth", args.data, out=out / "eval-val", device=args.device, amp=args.amp,
-                       batch_size=args.batch_size, progress=False, tta=args.tta, pairs=run["val_pairs"])
+                       batch_size=args.batch_size, progress=False, tta=args.tta, pairs=run["val_pairs"],
+                       split="val")
         per_image = res["structures"]["lesion"]["per_image"]
         for key in ("dice", "iou", "dice_threshold_averaged"):
             scores[key].append(per_image[key]["mean"])
@@ -326,8 +413,12 @@ def cross_validate(args: argparse.Namespace) -> dict:
     return {**summary, "runs": runs}
 
 
-def train(args: argparse.Namespace) -> dict:
-    """One training run (see the module docstring); returns {"best_dice", "history", "val_pairs"}."""
+def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None) -> dict:
+    """One training run (see the module docstring); returns {"best_dice", "history", "val_pairs"}.
+
+    With ``hold``, rank 0 locks OUT (OUT/.lock) once the data is read, until ``hold`` closes: a second
+    train.py run into the same OUT is refused instead of overwriting this one's checkpoints.
+    """
     seed_everything(args.seed, args.deterministic)
     ctx, device = distributed.setup(resolve_device(args.device))
     log = print if ctx.is_main else (lambda *a, **k: None)  # only rank 0 talks and writes
@@ -354,7 +445,7 @@ def train(args: argparse.Namespace) -> dict:
     else:
         train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=drop_last,
                                   num_workers=workers, generator=gen, pin_memory=device.type == "cuda",
-                                  persistent_workers=workers > 0)
+                                  persistent_workers=False)  # workers restarted and reseeded every epoch
         val_loader = DataLoader(Subset(val_set, val_rows), args.batch_size, num_workers=workers,
                                 pin_memory=device.type == "cuda")
 
@@ -386,15 +477,20 @@ def train(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if hold is not None and ctx.is_main:
+        hold.enter_context(exclusive_lock(out, LOCK_HOLDER))
     remove_stale_temp_files(out, OUTPUTS)  # left by a run that was killed while writing
-    start_epoch, best, history = 0, -math.inf, []
+    state = {"model_config": {"name": args.model, **model.config}, "num_classes": num_classes, "task": args.task,
+             "loss": loss_name, "preprocessing": prep, "data_kind": data_kind,
+             "data": data_record(args.data, data_kind, train_set, val_set), "inference": {"tta": args.tta},
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+    state["args"]["data_on_device"] = on_device  # what the default chose, not None
+    start_epoch, best, best_loss, history = 0, -math.inf, math.inf, []
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        asked = {"name": args.model, **model.config}
-        if ckpt["model_config"] != asked or ckpt.get("task") != args.task:
-            raise InputError(f"{args.resume}: holds {ckpt['model_config']} for task {ckpt.get('task')!r}; "
-                             f"asked for {asked} for task {args.task!r} (pass the checkpoint's --model/--width/"
-                             f"--aux/--loss/--task)")
+        mismatch = resume_mismatch(ckpt, state)
+        if mismatch:
+            raise InputError(f"{args.resume}: cannot resume from it, it {mismatch}; or start afresh with another --out")
         lacking = [key for key in RESUME_KEYS if key not in ckpt]
         if lacking:
             raise InputError(f"{args.resume}: cannot resume from it, it lacks {lacking} (resume from the "
@@ -411,6 +507,8 @@ def train(args: argparse.Namespace) -> dict:
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise InputError(f"{args.resume}: damaged RNG state ({type(e).__name__}: {e})") from None
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["history"]
+        # checkpoints older than "best_loss" hold it in their history: the first row with the best score
+        best_loss = ckpt.get("best_loss", next((r["val_loss"] for r in history if r["val_score"] == best), math.inf))
         log(f"resumed from {args.resume} at epoch {start_epoch + 1}/{args.epochs}", flush=True)
 
     # DDP broadcasts rank 0's weights and averages gradients; `model` stays the unwrapped module that is saved
@@ -423,18 +521,16 @@ def train(args: argparse.Namespace) -> dict:
           f"{len(train_set)} train / {len(val_set)} val slices"
           + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else "")
           + (f"; data held on {device}" if on_device else "") + ("; torch.compile" if args.compile else ""))
-    state = {"model_config": {"name": args.model, **model.config}, "num_classes": num_classes, "task": args.task,
-             "loss": loss_name, "preprocessing": prep, "data_kind": data_kind, "inference": {"tta": args.tta},
-             "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
-    state["args"]["data_on_device"] = on_device  # what the default chose, not None
     check_each_step = checks_loss_each_step(device)
+    best_saved = False  # whether this run wrote OUT/best_model.pth (the final message names only what holds)
     saved = None  # the checkpoint to resume from if training stops now, and the epochs it holds
     if args.resume:
         saved = (args.resume, start_epoch)
     where = f"epoch {start_epoch + 1}/{args.epochs} (setting up)"
     try:
         for epoch in range(start_epoch, args.epochs):
-            # reseeding per epoch makes shuffling and augmentation independent of where a run was resumed
+            # reseeding per epoch makes shuffling and augmentation independent of where a run was resumed:
+            # the loader's workers are started anew each epoch and seeded from `gen` (see the DataLoader)
             gen.manual_seed(args.seed * 100003 + epoch)
             torch.manual_seed(args.seed * 100003 + epoch)
             sampler.set_epoch(epoch)
@@ -485,17 +581,19 @@ def train(args: argparse.Namespace) -> dict:
             history.append(row)
             log(f"Epoch {epoch + 1}/{args.epochs}\ntrain_loss: {train_loss:.4f} | val_loss: {val['loss']:.4f} | "
                   f"val_dice: {val['dice']:.4f} | val_iou: {val['iou']:.4f}  ({row['seconds']:.0f}s)", flush=True)
-            improved = val["score"] > best  # see validate(): Dice of what validation holds, else -loss
-            best = max(best, val["score"])
+            improved = is_better(val["score"], val["loss"], best, best_loss)  # validate(): Dice, else -loss
+            if improved:
+                best, best_loss = val["score"], val["loss"]
             ckpt = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                     "rng": rng_states(gen), "metrics": {k: float(v) for k, v in val.items()}, "best_score": best,
-                    "history": history}
+                    "best_loss": best_loss, "history": history}
             where = f"epoch {epoch + 1}/{args.epochs} (saving)"
             if ctx.is_main:
                 # best before last: a crash between the two redoes this epoch on resume, which rewrites both
                 if improved:
                     save_checkpoint(ckpt, out / "best_model.pth")
+                    best_saved = True
                 save_checkpoint(ckpt, out / "last.pth")
             saved = (out / "last.pth", epoch + 1)
             if ctx.is_main:
@@ -510,10 +608,10 @@ def train(args: argparse.Namespace) -> dict:
                                   f"--resume {saved[0]}") from None
     distributed.barrier(ctx)
     distributed.cleanup(ctx)
-    best_row = max(history, key=lambda r: r["val_score"]) if history else None
+    best_row = best_epoch(history)
     best_dice = best_row["val_dice"] if best_row else float("nan")
-    log(f"best val Dice {best_dice:.4f} (epoch {best_row['epoch'] if best_row else '-'}); checkpoints in {out}/ "
-        f"(best_model.pth, last.pth), history.csv, curves.png")
+    log(f"best val Dice {best_dice:.4f} (epoch {best_row['epoch'] if best_row else '-'}); "
+        + where_saved(out, best_row, args.resume, best_saved))
     return {"best_dice": best_dice, "history": history,
             "val_pairs": getattr(val_set, "pairs", None)}  # pair folders: the files validation scored
 

@@ -1,7 +1,7 @@
 """NIfTI CT volumes -> normalised 256x256 axial slice arrays + meta.json (one offline step).
 
     python -m data.preprocess --src data/synthetic --out data/processed [--size 256]
-                              [--norm minmax|window] [--window -1000 400] [--workers 2]
+                              [--norm minmax|window] [--window -1000 400] [--workers 2] [--overwrite]
 
 Reads any of these layouts under --src (several may sit side by side):
     images/ lung_masks/ lesion_masks/                      this repo's phantoms (and the seed layout)
@@ -11,7 +11,9 @@ Reads any of these layouts under --src (several may sit side by side):
     *.nii(.gz) directly in --src, or --src a single file   images without masks (for inference)
 Masks are matched to images by file name. Writes OUT/images.npy (N,S,S) float32 in [0,1],
 OUT/lung_masks.npy and OUT/lesion_masks.npy (N,S,S) uint8 in {0,1} (when the layout has them) and
-OUT/meta.json, all built in a temporary folder that replaces OUT only once complete.
+OUT/meta.json, all built in a temporary folder that replaces OUT only once complete. OUT may be absent,
+empty or an earlier output of data.preprocess; any other folder is refused unless --overwrite is given,
+and a file, or an OUT that is or holds --src or one of its volumes, is refused even then.
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.transforms import (DEFAULT_WINDOW, NORMS, InputError, case_name, is_nifti, load_nifti,
-                             make_preprocessing, prepare_slices, read_volume_data, resize_masks,
-                             to_axial_slices, voxel_spacing)
-from utils.helpers import replace_dir
+from data.transforms import (DEFAULT_WINDOW, NORMS, InputError, case_name, check_mask_header, is_nifti,
+                             load_nifti, make_preprocessing, prepare_slices, read_mask_volume,
+                             read_volume_data, resize_masks, to_axial_slices, voxel_spacing, warn_if_not_ct)
+from utils.base import check_disjoint, check_replaceable_dir, replace_dir
 
 # Folder layouts: (image folder, lung-mask folder, lesion-mask folder); masks pair by file name.
 FOLDER_LAYOUTS = {
@@ -115,26 +117,16 @@ def _check_headers(case: Case) -> int:
     """Check a case's files without reading voxels; return its number of axial slices."""
     img = load_nifti(case.image, "image")
     for kind, path in (("lung mask", case.lung), ("lesion mask", case.lesion)):
-        if path is not None:
-            mask = load_nifti(path, kind)
-            if mask.shape != img.shape:
-                raise InputError(f"{path}: {kind} is {tuple(mask.shape)}, image {case.image.name} is {tuple(img.shape)}")
-            # masks are reoriented with the image's affine: a mask stored in another voxel order would shift
-            if not np.array_equal(nib.io_orientation(mask.affine), nib.io_orientation(img.affine)):
-                raise InputError(f"{path}: {kind} is stored {''.join(nib.aff2axcodes(mask.affine))}, image "
-                                 f"{case.image.name} is {''.join(nib.aff2axcodes(img.affine))}; resample it onto the image")
+        if path is not None:  # the header part of read_mask_volume, so a bad mask fails before any work
+            check_mask_header(load_nifti(path, kind), img, path, kind)
     # axial slices run along the voxel axis that io_orientation maps to world z (inferior-superior)
     z_axis = int(np.flatnonzero(nib.io_orientation(img.affine)[:, 0] == 2)[0])
     return int(img.shape[z_axis])
 
 
-def _read_mask(path: Path, affine: np.ndarray, kind: str) -> tuple[np.ndarray, list[int]]:
-    """A mask's axial slices (uint8 labels) and the label values it holds."""
-    data = read_volume_data(load_nifti(path, kind), path, kind)
-    labels = np.rint(data).astype(np.int64)
-    if labels.min() < 0 or labels.max() > 255:
-        raise InputError(f"{path}: {kind} labels must be 0..255, found {labels.min()}..{labels.max()}")
-    return to_axial_slices(labels.astype(np.uint8), affine), [int(v) for v in np.unique(labels)]
+def _read_mask(path: Path, img, kind: str) -> tuple[np.ndarray, list[int]]:
+    """A mask's axial slices (uint8 labels) and the label values it holds, checked against its image."""
+    return read_mask_volume(path, img, kind)
 
 
 def process_case(case: Case, prep: dict, out: str, start: int, lesion_labels: list[int] | None) -> dict:
@@ -143,10 +135,11 @@ def process_case(case: Case, prep: dict, out: str, start: int, lesion_labels: li
     Runs in a worker process: it holds one volume at a time, so memory stays bounded whatever the set size.
     Returns the case's meta.json entry.
     """
-    torch.set_num_threads(1)  # one volume per worker; the workers already use the cores
     out = Path(out)
     img = load_nifti(case.image, "image")
-    slices = to_axial_slices(read_volume_data(img, case.image, "image"), img.affine)
+    data = read_volume_data(img, case.image, "image")
+    warn_if_not_ct(img, data, case.image, prep)
+    slices = to_axial_slices(data, img.affine)
     n = slices.shape[0]
     images = np.load(out / "images.npy", mmap_mode="r+")
     images[start:start + n] = prepare_slices(slices, prep).numpy()
@@ -156,7 +149,7 @@ def process_case(case: Case, prep: dict, out: str, start: int, lesion_labels: li
     for kind, path in (("lung", case.lung), ("lesion", case.lesion)):
         if path is None:
             continue
-        labels, values = _read_mask(path, img.affine, f"{kind} mask")
+        labels, values = _read_mask(path, img, f"{kind} mask")
         binary = np.isin(labels, lesion_labels) if (kind == "lesion" and lesion_labels) else labels > 0
         arr = np.load(out / f"{kind}_masks.npy", mmap_mode="r+")
         arr[start:start + n] = resize_masks(binary, prep["size"]).numpy()
@@ -166,23 +159,49 @@ def process_case(case: Case, prep: dict, out: str, start: int, lesion_labels: li
     return entry
 
 
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one volume per worker process; the workers already use the cores
+
+
+def written_by_preprocess(folder: str | Path) -> bool:
+    """Whether ``folder`` is an output of data.preprocess: images.npy beside a meta.json that records the
+    preprocessing (what preprocess() writes), so that a rerun may replace it."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "preprocessing" in meta and (folder / "images.npy").is_file()
+
+
 def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "window",
                window=DEFAULT_WINDOW, workers: int = 2, lesion_labels: list[int] | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, overwrite: bool = False) -> dict:
     """Preprocess every volume under ``src`` into ``out``; returns the meta dict written to meta.json.
 
+    ``out`` may be absent, empty or an earlier output of data.preprocess; any other folder is replaced only
+    with ``overwrite``, and never one that is or holds ``src`` or one of its volumes. These checks run
+    before any work.
     Raises InputError (naming the file and the problem) for bad input; ``out`` is then left untouched.
     """
-    prep = make_preprocessing(size, norm, window)
     cases = find_cases(src)
+    # the volumes too: an --out inside --src (src/images) may still hold them
+    inputs = [src, *(p for c in cases for p in (c.image, c.lung, c.lesion) if p is not None)]
+    check_disjoint(out, inputs, "--out")
+    check_replaceable_dir(out, written_by_preprocess, overwrite, "--out", "data.preprocess")
+    prep = make_preprocessing(size, norm, window)
     counts = [_check_headers(c) for c in cases]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     total = int(starts[-1])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    final = Path(out).resolve()  # a name to build beside, also for "." or a path ending in ".."
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        msg = f"{out}: cannot create the output folder there ({e.strerror}); choose another --out"
+        raise InputError(msg) from None
     try:
         S = prep["size"]
         np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float32, (total, S, S)).flush()
@@ -200,7 +219,8 @@ def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "w
                     bar.update()
             else:
                 # spawn, not fork: forking a process that has used torch's thread pool can deadlock
-                with ProcessPoolExecutor(min(workers, len(cases)), mp_context=get_context("spawn")) as pool:
+                with ProcessPoolExecutor(min(workers, len(cases)), mp_context=get_context("spawn"),
+                                         initializer=_init_worker) as pool:
                     futures = {pool.submit(process_case, *job): job[0].name for job in jobs}
                     for fut in as_completed(futures):
                         entries[futures[fut]] = fut.result()
@@ -219,7 +239,7 @@ def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "w
             "slices": [{"case": c.name, "z": z} for c, n in zip(cases, counts) for z in range(n)],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        replace_dir(tmp, out)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
@@ -228,7 +248,10 @@ def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "w
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default="data/synthetic", help="folder of volumes (see layouts above) or one file")
-    p.add_argument("--out", default="data/processed", help="output folder (replaced when complete)")
+    p.add_argument("--out", default="data/processed",
+                   help="output folder, replaced when complete if empty or written by data.preprocess")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if data.preprocess did not write it (never a folder holding --src)")
     p.add_argument("--size", type=int, default=256, help="slice side after resizing")
     p.add_argument("--norm", choices=NORMS, default="window",
                    help="window: fixed HU window (default); minmax: per-slice min-max as the seed code")
@@ -242,7 +265,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    meta = preprocess(args.src, args.out, args.size, args.norm, args.window, args.workers, args.lesion_labels)
+    meta = preprocess(args.src, args.out, args.size, args.norm, args.window, args.workers, args.lesion_labels,
+                      overwrite=args.overwrite)
     n = len(meta["slices"])
     print(f"wrote {n} slices of {len(meta['cases'])} volumes to {args.out}/ "
           f"(images.npy{', lung_masks.npy' * meta['masks']['lung']}{', lesion_masks.npy' * meta['masks']['lesion']}, meta.json)")

@@ -4,6 +4,7 @@
         -> data/processed/splits.json = {"by": "patient", "seed": 0, "train": [case ids], "val": [...], "test": [...]}
     python -m data.split_data --pairs FOLDER --out DEST [--val 0.15] [--seed 0]
         -> copies a folder of image-mask pairs into DEST/train_images, train_masks, val_images, val_masks
+           and DEST/split.json (seed, source, file lists; it marks DEST as replaceable by a rerun)
 
 Split by patient unless you have a reason not to: ``--by slice`` (the seed code's random 70/15/15 over
 slices) puts neighbouring, nearly identical slices of one patient in both train and test, which inflates
@@ -21,12 +22,14 @@ import numpy as np
 
 from data.dataset import find_pair_dirs, pair_files
 from data.transforms import InputError
-from utils.helpers import atomic_write, replace_dir
+from utils.base import atomic_write, check_disjoint, check_replaceable_dir, replace_dir
+
+PAIR_SPLIT_MARKER = "split.json"  # what split_pair_folder leaves in DEST; a rerun may replace such a folder
 
 
 def _counts(n: int, val: float, test: float) -> tuple[int, int]:
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise ValueError(f"need 0 <= val, test and val + test < 1, got val={val} test={test}")
+        raise InputError(f"--val {val} --test {test}: need 0 <= val, test and val + test < 1")
     n_test = int(round(n * test)) if test > 0 else 0
     n_val = int(round(n * val)) if val > 0 else 0
     # a non-zero fraction gets at least one item while the training part keeps at least one
@@ -71,7 +74,7 @@ def make_splits(cases: list[str], val: float = 0.15, test: float = 0.15, by: str
         items = list(range(len(cases)))
         label = {i: cases[i] in positive for i in items} if positive is not None else None
     else:
-        raise ValueError(f"by must be 'patient' or 'slice', got {by!r}")
+        raise InputError(f"--by must be 'patient' or 'slice', got {by!r}")
     n_val, n_test = _counts(len(items), val, test)
     rng = np.random.default_rng(seed)
     shuffled = [items[i] for i in rng.permutation(len(items))]
@@ -118,18 +121,35 @@ def split_preprocessed(data: str | Path, val: float = 0.15, test: float = 0.15, 
     return splits
 
 
-def split_pair_folder(src: str | Path, dest: str | Path, val: float = 0.15, seed: int = 0) -> dict:
-    """Copy a folder of image-mask pairs into DEST/{train,val}_{images,masks} (a seeded split by file)."""
+def written_by_split(folder: str | Path) -> bool:
+    """Whether ``folder`` holds the split.json that split_pair_folder writes, so that a rerun may replace it."""
+    try:
+        record = json.loads((Path(folder) / PAIR_SPLIT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("written_by") == "data.split_data"
+
+
+def split_pair_folder(src: str | Path, dest: str | Path, val: float = 0.15, seed: int = 0,
+                      overwrite: bool = False) -> dict:
+    """Copy a folder of image-mask pairs into DEST/{train,val}_{images,masks} (a seeded split by file).
+
+    DEST may be absent, empty or an earlier split of this function (it holds split.json); any other folder
+    is replaced only with ``overwrite``, and never one that is or holds the source. DEST inside the source
+    is allowed: pair folders are found without recursion, so the split is never read back as source.
+    Returns {"train": [image names], "val": [image names]}.
+    """
     dirs = find_pair_dirs(src)
     if dirs is None:
         raise InputError(f"{src}: no image-mask pair folders (train_images/ + train_masks/, or Imgs/ + GT/)")
+    check_disjoint(dest, [src, *dirs], "--out")
+    check_replaceable_dir(dest, written_by_split, overwrite, "--out", "data.split_data")
     pairs = pair_files(*dirs)
     n_val, _ = _counts(len(pairs), val, 0.0)
     order = np.random.default_rng(seed).permutation(len(pairs))
     parts = {"val": [pairs[i] for i in sorted(order[:n_val])], "train": [pairs[i] for i in sorted(order[n_val:])]}
     dest = Path(dest)
-    if dest.resolve() == Path(src).resolve() or dest.resolve() in Path(src).resolve().parents:
-        raise InputError(f"{dest}: the destination must not be the source folder {src} or contain it")
+    names = {part: [img.name for img, _ in items] for part, items in parts.items()}
     # build the split aside and swap it in: a re-split never leaves an earlier split's files behind
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
@@ -141,17 +161,22 @@ def split_pair_folder(src: str | Path, dest: str | Path, val: float = 0.15, seed
             for img, mask in items:
                 shutil.copy2(img, tmp / f"{part}_images" / img.name)
                 shutil.copy2(mask, tmp / f"{part}_masks" / f"{img.stem}{mask.suffix}")
+        write_json(tmp / PAIR_SPLIT_MARKER, {"written_by": "data.split_data", "source": str(src), "seed": seed,
+                                             "val_fraction": val, **names})
         replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {part: [img.name for img, _ in items] for part, items in parts.items()}
+    return names
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/processed", help="preprocessed folder (gets splits.json)")
     p.add_argument("--pairs", default=None, help="instead: a folder of image-mask pairs to split into --out")
-    p.add_argument("--out", default=None, help="destination folder for --pairs")
+    p.add_argument("--out", default=None, help="destination folder for --pairs (replaced if empty or an "
+                                                  "earlier split, i.e. it holds split.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if data.split_data did not write it (never a folder holding --pairs)")
     p.add_argument("--val", type=float, default=0.15)
     p.add_argument("--test", type=float, default=0.15)
     p.add_argument("--by", choices=("patient", "slice"), default="patient")
@@ -164,7 +189,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.pairs:
         if not args.out:
             raise InputError("--pairs needs --out DEST")
-        parts = split_pair_folder(args.pairs, args.out, args.val, args.seed)
+        parts = split_pair_folder(args.pairs, args.out, args.val, args.seed, overwrite=args.overwrite)
         print(f"split {args.pairs}: {len(parts['train'])} train / {len(parts['val'])} val pairs -> {args.out}/")
         return parts
     splits = split_preprocessed(args.data, args.val, args.test, args.by, args.seed)

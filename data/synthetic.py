@@ -1,12 +1,14 @@
 """Reproducible synthetic chest-CT phantoms with lung and lesion masks.
 
-    python -m data.synthetic --out data/synthetic --patients 12 --seed 0 [--shape 256 256 32]
+    python -m data.synthetic --out data/synthetic --patients 12 --seed 0 [--shape 256 256 32] [--overwrite]
 
 Each phantom is an axial chest CT volume at mid-chest level in Hounsfield units (body with fat,
 muscle, ribs, sternum, spine, heart and great vessels; two lungs with a branching vessel tree and
 bronchi) with a lung mask (0 background, 1 left lung, 2 right lung) and a lesion mask (0 background,
 1 ground-glass opacity, 2 consolidation). One NIfTI per patient is written to each of
 OUT/images/ (int16 HU), OUT/lung_masks/ and OUT/lesion_masks/ (uint8), under the same file name.
+OUT is built aside and swapped in when complete. It may be absent, empty or an earlier output (only
+those three folders of phantom_*.nii.gz files); any other folder is replaced only with --overwrite.
 
 Geometry: voxel axes point to the patient's Left, Posterior and Superior (LPS, as DICOM-derived
 NIfTI files usually are), so the RAS+ affine is diag(-sx, -sy, sz) plus an offset and
@@ -22,6 +24,8 @@ The same seed gives byte-identical files, and patient i depends only on (seed, i
 """
 import argparse
 import functools
+import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.transforms import nifti_gz_bytes
-from utils.helpers import atomic_write
+from utils.base import InputError, check_replaceable_dir, replace_dir
 
 DEFAULT_OUT = "data/synthetic"  # where `python -m data.synthetic` writes; data/preprocess.py reads it
 DEFAULT_PATIENTS = 12
@@ -226,9 +230,9 @@ def _check_shape(shape) -> tuple:
         return DEFAULT_SHAPE
     shape = tuple(shape)
     if len(shape) != 3 or not all(isinstance(n, (int, np.integer)) for n in shape):
-        raise ValueError(f"shape must be three integers (X, Y, Z), got {shape!r}")
+        raise InputError(f"--shape must be three integers X Y Z, got {shape!r}")
     if shape[0] < 32 or shape[1] < 32 or shape[2] < 1:
-        raise ValueError(f"shape {shape} is too small: need X, Y >= 32 and Z >= 1")
+        raise InputError(f"--shape {' '.join(map(str, shape))} is too small: need X, Y >= 32 and Z >= 1")
     return tuple(int(n) for n in shape)
 
 
@@ -555,47 +559,69 @@ def _scan(rng, img, psf_sigma, noise_sd) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
+def written_by_synthetic(folder: str | Path) -> bool:
+    """Whether ``folder`` looks like an output of generate_dataset: nothing but the three SUBFOLDERS,
+    holding nothing but phantom_*.nii.gz files, so that a rerun may replace it."""
+    for entry in Path(folder).iterdir():
+        if entry.name not in SUBFOLDERS or not entry.is_dir():
+            return False
+        if any(not (f.is_file() and f.name.startswith("phantom_") and f.name.endswith(".nii.gz"))
+               for f in entry.iterdir()):
+            return False
+    return True
+
+
 def generate_dataset(out_dir, patients: int, seed: int, shape: tuple | None = None,
-                     progress: bool = False) -> list[str]:
+                     progress: bool = False, overwrite: bool = False) -> list[str]:
     """Write `patients` phantoms as NIfTI files to out_dir/{images,lung_masks,lesion_masks}/.
 
     Patient i is drawn from np.random.default_rng([seed, i]), so it does not depend on how many
-    patients are written. Phantom files from an earlier run beyond index `patients` are removed,
-    so the folders hold exactly this dataset.
+    patients are written. The folder is built aside and replaces out_dir when complete, so it holds
+    exactly this dataset and an interrupted run leaves the previous one.
 
     Args:
-        out_dir: output folder (created if missing).
+        out_dir: output folder: absent, empty, or an earlier output (see written_by_synthetic);
+            any other folder only with ``overwrite``.
         patients: number of patients, >= 1.
         seed: non-negative integer seed.
         shape: (X, Y, Z) voxels per volume; None for DEFAULT_SHAPE.
         progress: show a tqdm progress bar.
+        overwrite: replace out_dir even if it holds other files.
 
     Returns:
         The file names written, e.g. ["phantom_000.nii.gz", ...], the same in all three folders.
+    Raises:
+        InputError for bad arguments or an output folder that may not or cannot be written.
     """
     if isinstance(patients, bool) or not isinstance(patients, (int, np.integer)) or patients < 1:
-        raise ValueError(f"patients must be a positive integer, got {patients!r}")
+        raise InputError(f"--patients must be a positive integer, got {patients!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
     shape = _check_shape(shape)
     out = Path(out_dir)
-    folders = [out / name for name in SUBFOLDERS]
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
+    check_replaceable_dir(out, written_by_synthetic, overwrite, "--out", "data.synthetic")
+    final = out.resolve()  # a name to build beside, also for "." or a path ending in ".."
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        msg = f"{out}: cannot create the output folder there ({e.strerror}); choose another --out"
+        raise InputError(msg) from None
     digits = max(3, len(str(patients - 1)))
     names = [f"phantom_{i:0{digits}d}.nii.gz" for i in range(patients)]
-
-    for i in tqdm(range(patients), desc="phantoms", unit="patient", disable=None if progress else True):
-        p = generate_patient(np.random.default_rng([seed, i]), shape)
-        for folder, data in zip(folders, (p["image"], p["lung"], p["lesion"])):
-            with atomic_write(folder / names[i]) as tmp:
-                tmp.write_bytes(nifti_gz_bytes(data, p["affine"]))
-
-    keep = set(names)
-    for folder in folders:
-        for stale in folder.glob("phantom_*.nii.gz"):
-            if stale.name not in keep:
-                stale.unlink()
+    try:
+        folders = [tmp / name for name in SUBFOLDERS]
+        for folder in folders:
+            folder.mkdir()
+        for i in tqdm(range(patients), desc="phantoms", unit="patient", disable=None if progress else True):
+            p = generate_patient(np.random.default_rng([seed, i]), shape)
+            for folder, data in zip(folders, (p["image"], p["lung"], p["lesion"])):
+                (folder / names[i]).write_bytes(nifti_gz_bytes(data, p["affine"]))
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return names
 
 
@@ -603,17 +629,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Command-line options; the defaults write the demo dataset to data/synthetic/."""
     p = argparse.ArgumentParser(description="Write synthetic chest-CT phantoms with lung and lesion masks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (images/, lung_masks/, lesion_masks/)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (images/, lung_masks/, lesion_masks/), "
+                   "replaced when complete if empty or written by data.synthetic")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if data.synthetic did not write it")
     p.add_argument("--patients", type=int, default=DEFAULT_PATIENTS, help="number of phantom patients")
     p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
     p.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"),
                    help="voxels per volume (X patient left, Y posterior, Z superior)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
 def main(args: argparse.Namespace) -> list[str]:
     """Write the phantoms described by `args` and print where they went; returns the file names."""
-    names = generate_dataset(args.out, args.patients, args.seed, tuple(args.shape), progress=True)
+    names = generate_dataset(args.out, args.patients, args.seed, tuple(args.shape), progress=True,
+                             overwrite=args.overwrite)
     x, y, z = args.shape
     print(f"wrote {len(names)} phantoms ({x}x{y}x{z} voxels, seed {args.seed}) to "
           f"{Path(args.out)}/{{{','.join(SUBFOLDERS)}}}/")
@@ -621,4 +651,5 @@ def main(args: argparse.Namespace) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils.cli import run_cli
+    run_cli(main, get_args_parser())

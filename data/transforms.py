@@ -8,6 +8,7 @@ training copies into every checkpoint, so inference rebuilds exactly the same in
 from __future__ import annotations
 
 import gzip
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from utils.base import InputError
+
 NORMS = ("minmax", "window")
 DEFAULT_WINDOW = (-1000.0, 400.0)  # HU: air to dense soft tissue; keeps GGO (-700..-300) mid-range
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -23,21 +26,18 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_IMAGE_SIDE = 8192  # refuse larger 2D images instead of exhausting memory (a CT slice is 512)
 MAX_VOLUME_VOXELS = 2048 * 2048 * 2048 // 8  # 1.07e9 voxels, 4 GiB as float32 (a 512x512x1000 CT is 0.26e9)
 MASK_LABEL_MAX = 10  # masks whose values are all <= this are label maps (0/1/2...), not 0/255 images
-
-
-class InputError(ValueError):
-    """Bad user input: the message names the file and the problem, and is shown without a traceback."""
+MASK_FEW_LEVELS = 16  # a lossless mask of at most this many values is a label map or binary, not smeared
 
 
 def make_preprocessing(size: int = 256, norm: str = "window", window=DEFAULT_WINDOW) -> dict:
-    """Validate and return the preprocessing record saved in meta.json and checkpoints."""
+    """Validate and return the preprocessing record saved in meta.json and checkpoints (InputError if bad)."""
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     if size < 16 or size % 16:
-        raise ValueError(f"size must be a positive multiple of 16 (the U-Net pools 4 times), got {size}")
+        raise InputError(f"size must be a positive multiple of 16 (the U-Net pools 4 times), got {size}")
     low, high = (float(v) for v in window)
     if norm == "window" and not high > low:
-        raise ValueError(f"window must be LOW < HIGH in HU, got {low} {high}")
+        raise InputError(f"window must be LOW < HIGH in HU, got {low} {high}")
     return {"size": int(size), "norm": norm, "window": [low, high] if norm == "window" else None}
 
 
@@ -130,6 +130,14 @@ def load_nifti(path: str | Path, kind: str = "image"):
     if np.prod(img.shape, dtype=np.float64) > MAX_VOLUME_VOXELS:
         raise InputError(f"{path}: {kind} is {'x'.join(map(str, img.shape))} voxels, more than the "
                          f"{MAX_VOLUME_VOXELS:.3g}-voxel limit")
+    # a zero column (or an all-zero sform) leaves voxel size and orientation unknown: every later step
+    # (reorientation, volumes in mL) would fail or be wrong, so say which file before any of them
+    linear = img.affine[:3, :3]
+    if not np.isfinite(img.affine).all() or not (np.linalg.norm(linear, axis=0) > 0).all() \
+            or not abs(np.linalg.det(linear)) > 0:
+        raise InputError(f"{path}: {kind} has a degenerate affine (zero or non-finite voxel axes: "
+                         f"{np.round(linear, 4).tolist()}); fix the file's sform/qform so voxel size and "
+                         f"orientation are known")
     return img
 
 
@@ -189,6 +197,83 @@ def voxel_spacing(img) -> list[float]:
     return [float(s) for s in img.header.get_zooms()[:3]]
 
 
+# ----------------------------------------------------------------------------- ground-truth volumes
+# A mask must lie on its image's voxel grid: the voxel axes may differ by this fraction of their length
+# (float32 headers round at ~1e-7; a resampled mask differs by far more), the origins by this many voxels.
+AFFINE_AXES_RTOL = 1e-3
+AFFINE_ORIGIN_VOXELS = 0.5
+
+
+def _image_name(image_img) -> str:
+    name = image_img.get_filename()
+    return Path(name).name if name else "the image"
+
+
+def check_mask_header(mask_img, image_img, path: str | Path, kind: str = "lesion mask") -> None:
+    """Refuse a mask volume that does not lie on its image's voxel grid, from the headers alone.
+
+    Shape, voxel order (orientation) and the whole affine must agree: axes within AFFINE_AXES_RTOL of
+    their length, origins within AFFINE_ORIGIN_VOXELS voxels. Raises InputError naming the mask.
+    """
+    name = _image_name(image_img)
+    if tuple(mask_img.shape) != tuple(image_img.shape):
+        raise InputError(f"{path}: {kind} is {tuple(mask_img.shape)}, image {name} is {tuple(image_img.shape)}; "
+                         f"resample it onto the image")
+    # masks are reoriented with the image's affine: a mask stored in another voxel order would be mirrored
+    if not np.array_equal(nib.io_orientation(mask_img.affine), nib.io_orientation(image_img.affine)):
+        raise InputError(f"{path}: {kind} is stored {''.join(nib.aff2axcodes(mask_img.affine))}, image "
+                         f"{name} is {''.join(nib.aff2axcodes(image_img.affine))}; resample it onto the image")
+    a, b = np.asarray(mask_img.affine, np.float64), np.asarray(image_img.affine, np.float64)
+    axes_off = np.linalg.norm(a[:3, :3] - b[:3, :3], axis=0) / np.linalg.norm(b[:3, :3], axis=0)
+    origin_off = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])  # in voxels of the image
+    if axes_off.max() > AFFINE_AXES_RTOL or np.abs(origin_off).max() > AFFINE_ORIGIN_VOXELS:
+        shift = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
+        raise InputError(f"{path}: {kind} is placed {shift:.3g} mm (voxel axes {100 * axes_off.max():.2g}%) away "
+                         f"from image {name}; its affine must match the image's: resample it onto the image")
+
+
+def read_mask_volume(path: str | Path, image_img, kind: str = "lesion mask") -> tuple[np.ndarray, list[int]]:
+    """Read a ground-truth mask volume against its image, as preprocessing and evaluation both do.
+
+    Checks the headers (:func:`check_mask_header`), then the voxels: finite, whole numbers, labels 0..255
+    (a background of -1 is refused, not read as lesion). Raises InputError naming the mask.
+
+    Returns:
+        (uint8 label slices (Z, H, W) in the image's display orientation, the label values present).
+    """
+    mask_img = load_nifti(path, kind)
+    check_mask_header(mask_img, image_img, path, kind)
+    data = read_volume_data(mask_img, path, kind)
+    labels = np.rint(data)
+    off = np.abs(data - labels) > 1e-3
+    if off.any():
+        raise InputError(f"{path}: {kind} holds non-integer values (e.g. {np.unique(data[off])[:3].tolist()}); "
+                         f"masks are labels: resample them with nearest neighbour")
+    values = [int(v) for v in np.unique(labels)]
+    if values[0] < 0:
+        raise InputError(f"{path}: {kind} has negative labels {[v for v in values if v < 0][:5]} (values "
+                         f"{values[:8]}); background must be 0 and labels 0..255")
+    if values[-1] > 255:
+        raise InputError(f"{path}: {kind} labels must be 0..255, found {values[0]}..{values[-1]}")
+    return to_axial_slices(labels.astype(np.uint8), image_img.affine), values
+
+
+def warn_if_not_ct(img, data: np.ndarray, path: str | Path, prep: dict) -> bool:
+    """Print one warning line (stderr) when a volume to be HU-windowed holds values that cannot be HU.
+
+    8-bit data (type uint8, or every value in 0..255) is a display export, not CT in Hounsfield units: the
+    window would map it to a nearly constant image. Not an error, as it may be intended. Returns True if warned.
+    """
+    if prep.get("norm") != "window":
+        return False
+    eight_bit = img.get_data_dtype() == np.uint8 or (data.size and data.min() >= 0 and data.max() <= 255)
+    if eight_bit:
+        print(f"warning: {path}: image values lie in 0..255 (8-bit data), not Hounsfield units; the HU window "
+              f"{prep.get('window')} will map it to a nearly constant image (preprocess with --norm minmax if "
+              f"this is not CT in HU)", file=sys.stderr)
+    return bool(eight_bit)
+
+
 # ----------------------------------------------------------------------------- 2D image files
 def _open_image(path: Path) -> Image.Image:
     try:
@@ -228,7 +313,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Read a binary lesion mask image as uint8 (H, W) in {0, 1}.
 
     Label maps (palette indices, or values all <= MASK_LABEL_MAX such as 0/1/2) count every label > 0
-    as lesion; other images (0/255, JPEG-compressed masks, 16-bit) are thresholded at half their range.
+    as lesion; binary images (0/255, 16-bit 0/65535, JPEG-compressed masks) are thresholded at half their
+    range. Anything else is refused, naming its values: a lossless mask of a few gray levels other than
+    0 and full scale (0/38/75: a viewer's gray or RGB export of a palette label map) or one with no value
+    reaching the threshold would otherwise read as an empty mask.
     """
     path = Path(path)
     img = _open_image(path)
@@ -238,20 +326,53 @@ def read_mask(path: str | Path) -> np.ndarray:
         arr = np.asarray(img)
     else:
         arr = np.asarray(img.convert("L"))
-    if arr.max(initial=0) <= MASK_LABEL_MAX:
+    top = arr.max(initial=0)
+    if top <= MASK_LABEL_MAX:
         return (arr > 0).astype(np.uint8)
-    half = 128 if arr.dtype == np.uint8 or img.mode == "L" else float(arr.max()) / 2
+    eight_bit = arr.dtype == np.uint8 or img.mode == "L"
+    full = 255.0 if eight_bit else float(top)
+    half = 128 if eight_bit else full / 2
+    values = np.unique(arr)
+    # JPEG smears a binary mask into many values near 0 and full scale; a lossless file of a few levels
+    # must be binary: every level near 0 or near full scale
+    middle = values[(values > full / 8) & (values < full * 7 / 8)]
+    if (img.format != "JPEG" and len(values) <= MASK_FEW_LEVELS and middle.size) or top < half:
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        raise InputError(f"{path}: mask values {{{shown}}} are neither 0/1, 0/255 nor labels 0..{MASK_LABEL_MAX} "
+                         f"(a label map saved as gray levels?); save it as 0/255, or with the labels as values")
     return (arr >= half).astype(np.uint8)
 
 
 def load_image_slice(path: str | Path, prep: dict) -> tuple[torch.Tensor, tuple[int, int]]:
     """Read a 2D image file and preprocess it as ``prep`` says, for training and inference alike.
 
-    Image files carry no Hounsfield units, so they are always min-max normalised (an 8-bit slice that
-    was windowed for display maps back to the same [0, 1] range as the window used in training).
+    Image files carry no Hounsfield units. For a min-max ``prep`` they are min-max normalised. For an HU
+    ``window`` one, an 8-bit image (any mode: L, RGB, palette, ...) is taken as a slice already shown in
+    that window, value / 255 -> [0, 1], which is exactly what data.export_png writes; a 16-bit or float
+    image cannot be mapped to the window and is refused (see :func:`image_files_note`).
 
     Returns:
         (image float32 (size, size) in [0, 1], original (H, W)).
     """
     arr = read_image(path)
-    return resize_images(normalize(arr[None], "minmax"), prep["size"])[0], arr.shape
+    if prep.get("norm") != "window":
+        return resize_images(normalize(arr[None], "minmax"), prep["size"])[0], arr.shape
+    with Image.open(path) as img:  # the header only: read_image has decoded the file already
+        mode = img.mode
+    if mode in ("I", "F") or mode.startswith("I;"):
+        low, high = prep["window"]
+        raise InputError(f"{path}: a 16-bit or float image (mode {mode}) holds no HU, so it cannot be put in this "
+                         f"checkpoint's HU window {low:g}..{high:g}; use the NIfTI volume, or an 8-bit slice shown "
+                         f"in that window")
+    return resize_images(arr[None] / np.float32(255), prep["size"])[0], arr.shape
+
+
+def image_files_note(prep: dict) -> str | None:
+    """The one line to print once per run when a checkpoint trained with an HU window reads image files
+    (see :func:`load_image_slice`); None for a min-max checkpoint, whose image files are read as always."""
+    if prep.get("norm") != "window":
+        return None
+    low, high = prep["window"]
+    return (f"note: this checkpoint was trained on CT in the HU window {low:g}..{high:g}; image files are read "
+            f"as 8-bit slices already shown in that window (value / 255, as data.export_png writes them), and "
+            f"16-bit or float images are refused: give the NIfTI volume for exact HU")

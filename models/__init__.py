@@ -6,6 +6,8 @@ In training mode a model with auxiliary heads returns `[main, aux, ...]`; in eva
 
 from torch import nn
 
+from utils.base import InputError
+
 from .deeplabv3 import DeepLabV3, load_backbone_weights
 from .unet import UNet
 
@@ -29,5 +31,5 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **kwargs)
         `{"name": name, **model.config}`.
     """
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+        raise InputError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
     return _MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)

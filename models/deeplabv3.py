@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.segmentation import deeplabv3_resnet50
 
+from utils.base import InputError
+
 from .common import init_prior_bias
 
 # ImageNet ResNet stems are RGB.
@@ -39,7 +41,7 @@ class DeepLabV3(nn.Module):
         super().__init__()
         for arg, value in (("in_channels", in_channels), ("num_classes", num_classes)):
             if value < 1:
-                raise ValueError(f"DeepLabV3 {arg} must be >= 1, got {value}")
+                raise InputError(f"DeepLabV3 {arg} must be >= 1, got {value}")
         self.config = {"in_channels": in_channels, "num_classes": num_classes, "aux": aux}
         net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux)
         net.backbone.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)

@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor, nn
 
+from utils.base import InputError
+
 from .common import init_prior_bias
 
 # Four 2x2 max-pools: each input side must divide by 2**4 so that skips and upsampled maps align.
@@ -54,7 +56,7 @@ class UNet(nn.Module):
         super().__init__()
         for arg, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
             if value < 1:
-                raise ValueError(f"UNet {arg} must be >= 1, got {value}")
+                raise InputError(f"UNet {arg} must be >= 1, got {value}")
         self.config = {"in_channels": in_channels, "num_classes": num_classes, "width": width}
         channels = [width * m for m in (1, 2, 4, 8, 16)]
         self.stem = _DoubleConv(in_channels, channels[0])

@@ -5,7 +5,7 @@
 #
 # TRAIN_DIR: COVID-SemiSeg's folder (TrainingSet/LungInfection-Train/Doctor-label/{Imgs,GT} under it), or any
 # folder of image-mask pairs train.py reads. The recipe is a 5-fold cross-validation; its five final fold models
-# are the ensemble to use, left as OUT_DIR/fold0.pth .. fold4.pth:
+# are the ensemble to use, left as OUT_DIR/fold0.pth .. fold4.pth (listed in OUT_DIR/models.txt):
 #
 #   python infer.py --checkpoint OUT_DIR/*.pth --input IMGS_DIR --output PRED_DIR --save-probs PROB_DIR
 #
@@ -26,15 +26,42 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 EPOCHS=${EPOCHS:-250}  # the recipe's; fewer for a quick try (the tests use 1)
 
+# OUT_DIR/models.txt lists the fold models this script copied there. A rerun replaces only those: any other
+# .pth in OUT_DIR would be averaged in by `--checkpoint OUT_DIR/*.pth`, so it is refused, never deleted.
+MANIFEST=$OUT_DIR/models.txt
+listed() { [ -f "$MANIFEST" ] && grep -qxF "$1" "$MANIFEST"; }
+for model in "$OUT_DIR"/*.pth; do
+    [ -e "$model" ] || continue
+    if ! listed "$(basename "$model")"; then
+        echo "error: $model: not written by this script (not listed in $MANIFEST), and \`--checkpoint $OUT_DIR/*.pth\`" \
+             "would average it into the ensemble; move it away or choose another OUT_DIR" >&2
+        exit 1
+    fi
+done
+
 "$PYTHON" "$ROOT/train.py" --data "$TRAIN_DIR" --out "$OUT_DIR/cv" --folds 5 --seed 0 \
     --model unet --width 16 --size 256 --loss bce_dice --no-batch-dice --epochs "$EPOCHS" --batch-size 8 \
     --augment basic --opt adamw --lr 2e-3 --weight-decay 1e-4 --sched onecycle --tta --no-progress "${@:3}"
 
-# the ensemble: every fold's final model (written to a temporary name, then renamed)
-for fold in "$OUT_DIR"/cv/fold*/; do
-    name=$(basename "$fold")
-    cp "$fold/last.pth" "$OUT_DIR/.$name.pth.tmp"
-    mv "$OUT_DIR/.$name.pth.tmp" "$OUT_DIR/$name.pth"
+# the ensemble: this run's fold models only (cv.json says how many; OUT_DIR/cv may still hold folders of an
+# earlier run with more folds), each written to a temporary name, then renamed
+FOLDS=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["folds"])' "$OUT_DIR/cv/cv.json")
+NEW=$(for ((i = 0; i < FOLDS; i++)); do echo "fold$i.pth"; done)
+write_manifest() {  # the names in $1, atomically
+    printf '%s\n' $1 > "$OUT_DIR/.models.txt.tmp"
+    mv "$OUT_DIR/.models.txt.tmp" "$MANIFEST"
+}
+OLD=$([ -f "$MANIFEST" ] && cat "$MANIFEST" || true)
+write_manifest "$(printf '%s\n' $OLD $NEW | sort -u)"  # a crash below leaves every model listed
+for ((i = 0; i < FOLDS; i++)); do
+    cp "$OUT_DIR/cv/fold$i/last.pth" "$OUT_DIR/.fold$i.pth.tmp"
+    mv "$OUT_DIR/.fold$i.pth.tmp" "$OUT_DIR/fold$i.pth"
 done
+for name in $OLD; do  # an earlier run's folds beyond this run's
+    if ! grep -qxF "$name" <<< "$NEW"; then
+        rm -f "$OUT_DIR/$name"
+    fi
+done
+write_manifest "$NEW"
 echo "models: $(ls "$OUT_DIR"/*.pth | tr '\n' ' ')"
 echo "use:    python infer.py --checkpoint $OUT_DIR/*.pth --input IMGS_DIR --output PRED_DIR --save-probs PROB_DIR"

@@ -143,7 +143,7 @@ def test_folder_of_pairs_is_scored_at_each_mask_size(trained, processed, tmp_pat
 
     results, stdout = run_evaluate(["--checkpoint", str(trained["out"] / "best_model.pth"), "--data", str(data),
                                     "--out", str(tmp_path / "eval")])
-    assert results["split"] is None and results["structures"]["lesion"]["n_images"] == 3
+    assert results["split"] == "test" and results["structures"]["lesion"]["n_images"] == 3
     rows = read_csv(tmp_path / "eval" / "per_image.csv")
     assert [r["file"] for r in rows] == [str(p) for p in sorted(files)]
     for r in rows:  # every pixel of the mask's own grid counted once; lesion pixels = the mask's

@@ -220,28 +220,45 @@ def test_full_disk_during_training_is_one_line(processed, tmp_path, monkeypatch,
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0], err
-    assert not list(tmp_path.glob("*.pth")) and not list(tmp_path.glob(".*"))
+    assert not list(tmp_path.glob("*.pth")) and [p.name for p in tmp_path.glob(".*")] == [".lock"]  # the run's lock
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
+# train.py whose second validation announces itself (touches the file named first) and then waits: SIGINT
+# lands at that known point, in Python code, instead of after a sleep that a loaded machine may outrun
+AT_SECOND_VALIDATION = r"""
+import pathlib, sys, time
+import train
+from utils.cli import run_cli
+ready, argv = pathlib.Path(sys.argv[1]), sys.argv[2:]
+_validate, calls = train.validate, []
+def validate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        ready.touch()
+        while True:
+            time.sleep(0.01)
+    return _validate(*args, **kwargs)
+train.validate = validate
+run_cli(train.main, train.get_args_parser(), argv)
+"""
+
+
 def test_sigint_stops_cleanly_and_says_how_to_resume(processed, tmp_path):
-    out = tmp_path / "out"
-    # 500 epochs: long enough that a loaded machine cannot finish the run before the signal lands
-    proc = launch(crash_argv(processed, out, "--epochs", "500"), tmp_path / "run")
-    assert wait_for(lambda: history_rows(out) >= 1, proc)
-    time.sleep(0.15)  # into the next epoch's training steps
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    cmd = [sys.executable, "-c", AT_SECOND_VALIDATION, str(ready), *crash_argv(processed, out, "--epochs", "3")]
+    with open(tmp_path / "run.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    _launched.append(proc)
+    assert wait_for(ready.exists, proc), (tmp_path / "run.err").read_text()
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=120) == 130, (tmp_path / "run.err").read_text()
     err = (tmp_path / "run.err").read_text()
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    m = re.fullmatch(r"interrupted at (?:after )?epoch (\d+)/500.*; (\S+) holds epoch (\d+): "
-                     r"resume with --resume (\S+)", lines[0])
-    assert m, lines[0]
-    assert Path(m.group(2)) == Path(m.group(4)) == out / "last.pth"
-    assert load_checkpoint(out / "last.pth")["epoch"] + 1 == int(m.group(3)) >= 1
+    assert lines == [f"interrupted at epoch 2/3 (validation); {out / 'last.pth'} holds epoch 1: "
+                     f"resume with --resume {out / 'last.pth'}"], err
+    assert load_checkpoint(out / "last.pth")["epoch"] == 0  # 0-based: epoch 1 finished, epoch 2 was dropped
 
 
 class _Interrupt:

@@ -5,28 +5,34 @@ lists, tuples, dicts); nothing in it needs code to unpickle, so every load here 
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from data.transforms import InputError
-from utils.helpers import atomic_write, temp_path
+from utils.base import InputError, atomic_write, temp_path
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """torch.save to a temporary file, flushed to disk, then renamed over ``path``.
 
     A crash (even SIGKILL) at any moment leaves either the previous file or the new one at ``path``,
-    never half of one; the temporary file of an interrupted write is hidden (``.NAME.tmp-PID``).
+    never half of one; the temporary file of an interrupted write is hidden (``.NAME.tmp-PID``). A failed
+    write (a full disk) raises OSError naming ``path``, and the previous file stays as it was.
     """
     with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:
+            # torch's own file writer reports a failed write (ENOSPC, EIO) as a RuntimeError without the errno
+            raise _write_failed(path, e) from e
         # without this the rename can reach the disk before the data does, and a power cut would leave an
         # empty file; one fsync per epoch costs milliseconds
         fd = os.open(tmp, os.O_RDONLY)
@@ -36,6 +42,20 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.close(fd)
 
 
+def _write_failed(path: Path, error: RuntimeError) -> OSError:
+    """The OSError a failed torch.save stands for: no space left when the disk is (nearly) full."""
+    reason = " ".join(str(error).split())[:160]
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = None
+    kept = "the previous file is unchanged" if Path(path).exists() else "nothing was written"
+    if free is not None and free < (64 << 20):
+        return OSError(errno.ENOSPC, f"No space left on device ({free >> 20} MiB free) while saving the checkpoint; "
+                                     f"{kept}; free some space and resume (torch: {reason})", str(path))
+    return OSError(errno.EIO, f"could not write the checkpoint; {kept} (torch: {reason})", str(path))
+
+
 def safe_load(path: str | Path, what: str = "checkpoint"):
     """``torch.load(path, map_location="cpu", weights_only=True)`` with every failure as one InputError.
 
@@ -43,25 +63,64 @@ def safe_load(path: str | Path, what: str = "checkpoint"):
     refused before any of its code runs.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pth"))
+        hint = (f"pass {path / 'best_model.pth'}" if "best_model.pth" in inside
+                else f"pass one of the .pth files in it ({', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})"
+                if inside else "it holds no .pth file")
+        raise InputError(f"{path}: is a folder, not a {what} file; {hint}")
     if not path.is_file():
         raise InputError(f"{path}: {what} not found" + (" (train one with `python train.py`)"
                                                          if what == "checkpoint" else ""))
+    other = _other_format(path)
+    if other:
+        raise InputError(f"{path}: not a PyTorch {what} ({other}); pass a .pth file written by train.py")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch reports every weights_only failure as UnpicklingError: a refused global (an object that needs
-        # code to rebuild) is the dangerous case; anything else (a stray byte, a truncated pickle) is damage
-        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error:" in line),
-                      str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-        detail = detail.replace("WeightsUnpickler error:", "").strip()
-        refused = re.search(r"GLOBAL (\S+)", detail)
+        # weights_only refused to unpickle something; whether it is an object that needs code to rebuild (the
+        # dangerous case) is asked of torch's static scan of the pickle, not read from the error's wording
+        refused = _unsafe_globals(path)
+        text = str(e)
+        if not refused:  # the scan misses globals built at unpickling time; the error text may still name one
+            refused = re.findall(r"GLOBAL (\S+)", text)[:1]
         if refused:
             raise InputError(f"{path}: refused, the {what} holds pickled objects beyond tensors and plain data, "
-                             f"which could run code ({refused.group(1)}); nothing of it was run") from None
+                             f"which could run code ({', '.join(refused[:3])}); nothing of it was run") from None
+        detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error:" in line),
+                      text.strip().splitlines()[-1] if text.strip() else type(e).__name__)
+        detail = detail.replace("WeightsUnpickler error:", "").strip() or type(e).__name__
         raise InputError(f"{path}: not a readable PyTorch {what}, truncated or corrupt ({detail[:160]})") from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise InputError(f"{path}: not a readable PyTorch {what}, truncated or corrupt "
                          f"({type(e).__name__}: {str(e).strip()[:160]})") from None
+
+
+# the first bytes of a torch.save file: a zip archive (since torch 1.6) or, before that, a pickle
+_TORCH_HEADS = (b"PK\x03\x04", b"\x80")
+_KNOWN_HEADS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x1f\x8b": "gzip data (a .nii.gz?)",
+                b"DICM": "DICOM", b"\x93NUMPY": "a NumPy .npy array", b"{": "JSON text"}
+
+
+def _other_format(path: Path) -> str | None:
+    """What a file is when its first bytes cannot begin a torch.save file; None when they can (or it is
+    empty: a truncated checkpoint)."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if not head or any(h.startswith(head[:len(h)]) for h in _TORCH_HEADS):
+        return None
+    if head[128:132] == b"DICM":
+        return "it is DICOM"
+    kind = next((name for magic, name in _KNOWN_HEADS.items() if head.startswith(magic)), None)
+    return f"it is {kind}" if kind else f"it starts with the bytes {head[:8]!r}"
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a checkpoint's pickle names that weights_only does not allow ([] if unreadable)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - a damaged file: the caller reports it as damaged
+        return []
 
 
 def load_checkpoint(path: str | Path) -> dict:

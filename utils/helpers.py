@@ -5,14 +5,13 @@ import contextlib
 import csv
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data.transforms import InputError
+from utils.base import InputError, atomic_write, replace_dir, temp_path  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -75,36 +74,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-# ----------------------------------------------------------------------------- atomic writes
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    A crash or a full disk leaves the previous ``path`` (or nothing) in place, never half a file.
-    """
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Swap a finished temporary folder into place at ``out``, so ``out`` is never seen half-written."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
+# ----------------------------------------------------------------------------- writing files
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Save a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
     with atomic_write(path) as tmp:

@@ -39,19 +39,28 @@ def _percent(part: int, whole: int) -> float | None:
     return 100.0 * part / whole if whole else None
 
 
-def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, spacing) -> dict:
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in mL: |det| of the affine's 3x3 part (mm3) / 1000.
+
+    The product of the voxel spacings (pixdims) is only right for orthogonal axes; on a sheared affine it
+    overstates the volume (a parallelepiped is smaller than the box of its edge lengths).
+    """
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: float) -> dict:
     """Lesion and lung volumes and infection percentages of one CT.
 
     Args:
         lesion: binary lesion mask (Z, H, W), or None without a lesion model.
         lung: binary lung mask or 1-left/2-right label map (Z, H, W), or None without a lung model.
-        spacing: voxel size in mm (any order: only the product is used).
+        voxel_ml: volume of one voxel in mL, from :func:`voxel_volume_ml` of the scan's affine.
     Returns:
-        dict with lesion_ml, lung_ml, lung_left_ml, lung_right_ml, infection_percent (lesion inside the
-        lungs / lung volume), infection_percent_left / _right, slices_with_lesion, n_slices; lung figures
-        are None without a lung mask.
+        dict with voxel_ml, lesion_ml, lung_ml, lung_left_ml, lung_right_ml, infection_percent (lesion inside
+        the lungs / lung volume), infection_percent_left / _right, slices_with_lesion, n_slices; lung
+        figures are None without a lung mask.
     """
-    voxel_ml = float(np.prod([float(s) for s in spacing][:3])) / 1000.0
+    voxel_ml = float(voxel_ml)
     report = {"voxel_ml": voxel_ml, "n_slices": int((lesion if lesion is not None else lung).shape[0]),
               "slices_with_lesion": None, "lesion_ml": None}
     if lesion is not None:
