@@ -33,7 +33,8 @@ import data.transforms as transforms
 from data.transforms import (InputError, check_mask_header, is_nifti, load_nifti, read_mask, read_mask_volume,
                              resize_images)
 from utils.cli import add_runtime_args
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from models import model_from_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.helpers import amp_dtype, atomic_write, plot_cases, resolve_device, write_csv
 from utils.inference import inference_model, class_targets, predict
 from utils.metrics import SegmentationMeter, metrics_from_counts, threshold_averaged_dice

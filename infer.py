@@ -38,9 +38,10 @@ from tqdm import tqdm
 from data.transforms import (IMAGE_SUFFIXES, InputError, case_name, from_axial_slices, image_files_note, is_nifti,
                              load_image_slice, load_nifti, nifti_gz_bytes, prepare_slices, read_image, read_volume_data,
                              resize_images, resize_masks, to_axial_slices, voxel_spacing, warn_if_not_ct)
-from utils.base import check_disjoint, exclusive_lock
+from base import check_disjoint, exclusive_lock
 from utils.cli import add_runtime_args
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from models import model_from_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.helpers import amp_dtype, atomic_write, mask_to_png, overlay, resolve_device, write_csv
 from utils.volumes import volume_report, voxel_volume_ml
 from utils.inference import TASK_OUTPUTS, inference_model, predict

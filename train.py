@@ -46,7 +46,7 @@ from data.dataset import (TASK_CLASSES, TASKS, DeviceLoader, PairAugment, PairFo
 from data.split_data import kfold, write_json  # noqa: E402
 from data.transforms import InputError, make_preprocessing  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
-from utils.base import exclusive_lock  # noqa: E402
+from base import exclusive_lock  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
 from utils.checkpoint import (load_checkpoint, remove_stale_temp_files, restore_rng_states, rng_states,  # noqa: E402
                               safe_load, save_checkpoint)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data.transforms import (DEFAULT_WINDOW, NORMS, InputError, case_name, check_mask_header, is_nifti,
                              load_nifti, make_preprocessing, prepare_slices, read_mask_volume,
                              read_volume_data, resize_masks, to_axial_slices, voxel_spacing, warn_if_not_ct)
-from utils.base import check_disjoint, check_replaceable_dir, replace_dir
+from base import check_disjoint, check_replaceable_dir, replace_dir
 
 # Folder layouts: (image folder, lung-mask folder, lesion-mask folder); masks pair by file name.
 FOLDER_LAYOUTS = {

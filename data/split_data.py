@@ -22,7 +22,7 @@ import numpy as np
 
 from data.dataset import find_pair_dirs, pair_files
 from data.transforms import InputError
-from utils.base import atomic_write, check_disjoint, check_replaceable_dir, replace_dir
+from base import atomic_write, check_disjoint, check_replaceable_dir, replace_dir
 
 PAIR_SPLIT_MARKER = "split.json"  # what split_pair_folder leaves in DEST; a rerun may replace such a folder
 

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.transforms import nifti_gz_bytes
-from utils.base import InputError, check_replaceable_dir, replace_dir
+from base import InputError, check_replaceable_dir, replace_dir
 
 DEFAULT_OUT = "data/synthetic"  # where `python -m data.synthetic` writes; data/preprocess.py reads it
 DEFAULT_PATIENTS = 12

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from utils.base import InputError
+from base import InputError
 
 NORMS = ("minmax", "window")
 DEFAULT_WINDOW = (-1000.0, 400.0)  # HU: air to dense soft tissue; keeps GGO (-700..-300) mid-range

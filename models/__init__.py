@@ -4,9 +4,12 @@ C = 1: sigmoid (binary) head; C >= 2: softmax over classes, class 0 = background
 In training mode a model with auxiliary heads returns `[main, aux, ...]`; in eval mode one tensor.
 """
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
-from utils.base import InputError
+from base import InputError
 
 from .deeplabv3 import DeepLabV3, load_backbone_weights
 from .unet import UNet
@@ -14,7 +17,7 @@ from .unet import UNet
 _MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "deeplabv3": DeepLabV3}
 MODEL_NAMES = tuple(_MODELS)
 
-__all__ = ["MODEL_NAMES", "DeepLabV3", "UNet", "build_model", "load_backbone_weights"]
+__all__ = ["MODEL_NAMES", "DeepLabV3", "UNet", "build_model", "load_backbone_weights", "model_from_checkpoint"]
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **kwargs) -> nn.Module:
@@ -33,3 +36,44 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **kwargs)
     if name not in _MODELS:
         raise InputError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
     return _MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def _describe_mismatch(held: dict, wanted: dict) -> str:
+    """What a state dict holds that a model does not take: shape mismatches, then missing/unexpected keys."""
+    parts = []
+    for key in wanted:
+        if key in held and hasattr(held[key], "shape") and tuple(held[key].shape) != tuple(wanted[key].shape):
+            parts.append(f"{key} is {tuple(held[key].shape)} in the checkpoint, "
+                         f"{tuple(wanted[key].shape)} in the model")
+    missing = [k for k in wanted if k not in held]
+    unexpected = [k for k in held if k not in wanted]
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing from the checkpoint ({', '.join(missing[:2])}"
+                     f"{', ...' if len(missing) > 2 else ''})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) the model has no place for ({', '.join(unexpected[:2])}"
+                     f"{', ...' if len(unexpected) > 2 else ''})")
+    return "; ".join(parts[:3]) + ("; ..." if len(parts) > 3 else "")
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (strictly).
+
+    Raises InputError naming what the checkpoint holds when its description or its weights do not make a
+    model of this repository.
+    """
+    config = dict(ckpt["model_config"])
+    name = config.pop("name")
+    try:
+        model = build_model(name, **config)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: describes a model this code cannot build ({name} {config}): {e}") from None
+    state = ckpt["model"]
+    wanted = model.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: its 'model' entry is not a state dict of tensors")
+    problem = _describe_mismatch(state, wanted)
+    if problem:
+        raise InputError(f"{path}: holds weights that do not fit the {name} {config} it describes: {problem}")
+    model.load_state_dict(state)
+    return model

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.segmentation import deeplabv3_resnet50
 
-from utils.base import InputError
+from base import InputError
 
 from .common import init_prior_bias
 

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from utils.base import InputError
+from base import InputError
 
 from .common import init_prior_bias
 

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from utils.base import InputError
+from base import InputError
 from utils.cli import run_cli
 
 

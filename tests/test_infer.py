@@ -15,7 +15,8 @@ import infer
 from data.transforms import InputError
 from data.transforms import load_image_slice, prepare_slices, resize_images, to_axial_slices
 from tests.script_fixtures import phantoms, processed, run_script, slice_rows, trained  # noqa: F401
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from models import model_from_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
 from utils.helpers import amp_dtype
 from utils.inference import inference_model, predict

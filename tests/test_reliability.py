@@ -26,7 +26,8 @@ from PIL import Image
 import train
 from data.transforms import InputError
 from tests.script_fixtures import REPO, processed, run_train, train_argv, trained  # noqa: F401
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, safe_load, save_checkpoint
+from models import model_from_checkpoint
+from utils.checkpoint import load_checkpoint, safe_load, save_checkpoint
 from utils.cli import run_cli
 
 EPOCHS = 12  # enough that the chain of kills below never reaches the end by accident

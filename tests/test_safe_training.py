@@ -28,7 +28,7 @@ from data.transforms import InputError
 from tests.script_fixtures import REPO, SIZE, export_pairs, processed, run_script, run_train, train_argv  # noqa: F401
 from tests.test_recipe import SEMISEG, run_recipe
 from utils import checkpoint
-from utils.base import exclusive_lock
+from base import exclusive_lock
 from utils.checkpoint import load_checkpoint, safe_load, save_checkpoint
 from utils.cli import run_cli
 

@@ -16,7 +16,7 @@ from data.dataset import SliceArrayDataset, dataset_bytes
 from data.transforms import InputError
 from tests.script_fixtures import (SIZE, export_pairs, processed, run_script, run_train,  # noqa: F401
                                    train_argv, trained)
-from utils.checkpoint import model_from_checkpoint
+from models import model_from_checkpoint
 from utils.cli import run_cli
 from utils.helpers import seed_everything
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from utils.base import InputError, atomic_write, temp_path
+from base import InputError, atomic_write, temp_path
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -137,49 +136,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("name"), str) or not isinstance(ckpt["model"], dict):
         raise InputError(f"{path}: damaged checkpoint: model_config is {config!r}, expected a dict with a model 'name'")
     return ckpt
-
-
-def _describe_mismatch(held: dict, wanted: dict) -> str:
-    """What a state dict holds that a model does not take: shape mismatches, then missing/unexpected keys."""
-    parts = []
-    for key in wanted:
-        if key in held and hasattr(held[key], "shape") and tuple(held[key].shape) != tuple(wanted[key].shape):
-            parts.append(f"{key} is {tuple(held[key].shape)} in the checkpoint, "
-                         f"{tuple(wanted[key].shape)} in the model")
-    missing = [k for k in wanted if k not in held]
-    unexpected = [k for k in held if k not in wanted]
-    if missing:
-        parts.append(f"{len(missing)} weight(s) missing from the checkpoint ({', '.join(missing[:2])}"
-                     f"{', ...' if len(missing) > 2 else ''})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} weight(s) the model has no place for ({', '.join(unexpected[:2])}"
-                     f"{', ...' if len(unexpected) > 2 else ''})")
-    return "; ".join(parts[:3]) + ("; ..." if len(parts) > 3 else "")
-
-
-def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (strictly).
-
-    Raises InputError naming what the checkpoint holds when its description or its weights do not make a
-    model of this repository.
-    """
-    from models import build_model
-
-    config = dict(ckpt["model_config"])
-    name = config.pop("name")
-    try:
-        model = build_model(name, **config)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: describes a model this code cannot build ({name} {config}): {e}") from None
-    state = ckpt["model"]
-    wanted = model.state_dict()
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path}: its 'model' entry is not a state dict of tensors")
-    problem = _describe_mismatch(state, wanted)
-    if problem:
-        raise InputError(f"{path}: holds weights that do not fit the {name} {config} it describes: {problem}")
-    model.load_state_dict(state)
-    return model
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -9,14 +9,14 @@ import argparse
 import sys
 from typing import Callable
 
-from utils.base import InputError
+from base import InputError
 
 
 def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> None:
     """Parse arguments and run ``main``; errors the user can fix print as ``error: ...`` and exit 1.
 
-    User errors are the project's InputError (utils.base), OSError (missing file, full disk, read-only
+    User errors are the project's InputError (base), OSError (missing file, full disk, read-only
     folder) and FloatingPointError (train.py's diverged loss). Ctrl-C prints the interrupt's message
     (train.py says where it stopped and how to resume) and exits 130. Any other exception, a plain
     ValueError included, is a bug: it propagates with its traceback, so it is not mistaken for bad input.
