@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.augment import BatchAugment  # noqa: E402
 from data.dataset import DeviceLoader, PairAugment, SliceArrayDataset  # noqa: E402
-from models import build_model  # noqa: E402
-from train import data_on_device, default_loss, output_channels  # noqa: E402
+from engine.predict import class_probs  # noqa: E402
+from engine.training import build_loss, data_on_device, default_loss, make_scheduler, train_step  # noqa: E402
+from models import build_model, model_options  # noqa: E402
 from utils.helpers import amp_dtype, autocast, cpu_has_bf16, resolve_device, seed_everything  # noqa: E402
-from utils.inference import class_probs  # noqa: E402
-from utils.losses import get_loss  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -73,24 +72,25 @@ def next_batch(it, loader, device, augments=()):
 
 
 def time_train(model, loader, criterion, device, dtype, fmt, steps: int, warmup: int, augments=()) -> float:
-    """Slices per second of optimizer steps over ``loader`` (data loading and augmentation included)."""
+    """Slices per second of train.py's optimizer step (engine.training.train_step: Adam at a constant rate,
+    a GradScaler where fp16 runs) over ``loader``, data loading and augmentation included."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    sched = make_scheduler(opt, "none", steps + warmup, 0)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     model.train()
     it, done, t0 = iter(loader), 0, 0.0
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        it, images, masks = next_batch(it, loader, device, augments)
-        images = images.contiguous(memory_format=fmt)
-        with autocast(device, dtype):
-            out = model(images)
-        loss = criterion(out, masks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        try:
+            images, masks = next(it)
+        except StopIteration:
+            it = iter(loader)
+            images, masks = next(it)
+        _, n = train_step(model, criterion, opt, sched, scaler, images, masks, device, dtype, fmt, augments)
         if step >= warmup:
-            done += len(images)
+            done += n
     _sync(device)
     return done / (time.perf_counter() - t0)
 
@@ -148,10 +148,8 @@ def main(args: argparse.Namespace) -> dict:
     seed_everything(0)  # as train.py: cuDNN autotuning on
     device = resolve_device(args.device)
     dtype = amp_dtype(device, args.amp)
-    loss_name = default_loss(args.model, "lesion")
-    nc = output_channels(loss_name, "lesion")
-    criterion = get_loss(loss_name, nc)
-    kwargs = {"width": args.width} if args.model == "unet" else {}
+    criterion, nc = build_loss(default_loss(args.model, "lesion"), "lesion")
+    kwargs = model_options(args.model, width=args.width)
     # enough slices for a few distinct batches; the loaders cycle through them
     n = min(max(args.batch_size * (args.steps + args.warmup + 2), 64), max(4096, 2 * args.batch_size))
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,8 @@
     python bench/volume_speed.py [--slices 300] [--task lung+lesion] [--checkpoint CKPT] [--amp auto] [--json]
 
 Without --checkpoint an untrained U-Net (width 32, the default model) stands in: the time does not depend
-on the weights. The clock runs from reading the .nii.gz to the last file written, as `python infer.py`
-does it (model loading included, Python start-up and imports excluded).
+on the weights. The clock runs from loading the model and reading the .nii.gz to the last file written, with
+the library functions `python infer.py` runs (Python start-up and imports excluded).
 """
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.synthetic import generate_patient  # noqa: E402
 from data.transforms import make_preprocessing  # noqa: E402
-from infer import infer  # noqa: E402
+from engine.batch import infer_volumes  # noqa: E402
+from engine.predict import Predictor  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 
 
 def untrained_checkpoint(path: Path, task: str) -> Path:
     classes = {"lesion": 1, "lung": 1, "lung+lesion": 3}[task]
-    model = build_model("unet", 1, classes)
+    model = build_model("unet", num_classes=classes)
     save_checkpoint({"model": model.state_dict(), "model_config": {"name": "unet", **model.config},
                      "num_classes": classes, "task": task, "preprocessing": make_preprocessing()}, path)
     return path
@@ -50,8 +51,8 @@ def main(args: argparse.Namespace) -> dict:
         for _ in range(args.repeat):
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                infer(ckpt, src, tmp / "out", device=args.device, amp=args.amp, batch_size=args.batch_size,
-                      progress=False)
+                predictor = Predictor(ckpt, args.device, args.amp, args.batch_size)
+                infer_volumes(predictor, [src], tmp / "out", 0.5, ckpt, progress=False, batch=False)
             times.append(time.perf_counter() - t0)
         written = sorted(f.name for f in (tmp / "out").iterdir())
     res = {"volume_shape": [512, 512, args.slices], "task": args.task, "device": args.device, "amp": args.amp,

@@ -14,10 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.augment import intensity_jitter, jitter_params
+from data.labels import PAIR_LABELS, TASK_OUTPUTS, check_task, select_labels, structure_mask, task_target
 from data.transforms import IMAGE_SUFFIXES, InputError, load_image_slice, read_mask, resize_masks
 
-TASKS = ("lesion", "lung", "lung+lesion")
-TASK_CLASSES = {"lesion": 2, "lung": 2, "lung+lesion": 3}  # classes including background
 MASK_SUFFIXES = ("_mask", "-mask", "_seg", "_label")
 
 
@@ -47,18 +46,6 @@ class PairAugment:
         return image.contiguous(), mask.contiguous()
 
 
-def task_target(lesion: np.ndarray | None, lung: np.ndarray | None, task: str) -> np.ndarray:
-    """Build the class-index target of a task from binary lesion / lung masks (uint8 {0,1})."""
-    if task == "lesion":
-        return lesion
-    if task == "lung":
-        return lung
-    if task == "lung+lesion":
-        # lesion wins where a lesion mask pokes outside the lung mask
-        return np.where(lesion > 0, 2, lung).astype(np.uint8)
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
 class SliceArrayDataset(Dataset):
     """Slices of a folder written by ``data.preprocess``, restricted to one split of ``splits.json``.
 
@@ -68,8 +55,12 @@ class SliceArrayDataset(Dataset):
     Args:
         root: folder with images.npy, lesion_masks.npy / lung_masks.npy, meta.json, splits.json.
         split: "train", "val", "test" or None for every row.
-        task: "lesion", "lung" or "lung+lesion".
+        task: "lesion", "lung" or "lung+lesion" (data.labels.TASKS).
         augment: a callable (image, mask) -> (image, mask), e.g. PairAugment(), or None.
+
+    The mask arrays hold the original labels; the task's targets are their binary view (data.labels):
+    every lesion label > 0, or those preprocessing's --lesion-labels kept. ``.labels`` is the label map of
+    the structures the task predicts, ``.channels`` the input channels (both go into the checkpoint).
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", task: str = "lesion", augment=None):
@@ -77,15 +68,13 @@ class SliceArrayDataset(Dataset):
         if not (root / "images.npy").is_file() or not (root / "meta.json").is_file():
             raise InputError(f"{root}: not a preprocessed folder (no images.npy/meta.json); run "
                              f"`python -m data.preprocess --src VOLUMES --out {root}` first")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        check_task(task)
         self.root, self.task, self.augment = root, task, augment
         self.meta = json.loads((root / "meta.json").read_text())
         self.preprocessing = self.meta["preprocessing"]
         self.images = np.load(root / "images.npy", mmap_mode="r")
-        need = {"lesion": ["lesion"], "lung": ["lung"], "lung+lesion": ["lung", "lesion"]}[task]
         self.masks = {}
-        for kind in need:
+        for kind in TASK_OUTPUTS[task]:
             path = root / f"{kind}_masks.npy"
             if not path.is_file():
                 raise InputError(f"{root}: task {task!r} needs {kind}_masks.npy, which this folder lacks "
@@ -98,6 +87,20 @@ class SliceArrayDataset(Dataset):
         self.rows = self._split_rows(split)
         if not self.rows:
             raise InputError(f"{root}: split {split!r} is empty; rerun data.split_data with other fractions")
+        self.channels = 1
+        self.labels, self.keep = self._label_view()
+
+    def _label_view(self) -> tuple[dict, dict]:
+        """The task's label map and, per structure, the label values its targets keep (None: every > 0).
+
+        A folder written before preprocessing kept the labels (no "labels" in meta.json) holds binary
+        masks already; its map is {structure: {structure: 1}}.
+        """
+        if "labels" not in self.meta:
+            return {k: {k: 1} for k in self.masks}, {k: None for k in self.masks}
+        chosen = self.meta.get("lesion_labels")
+        labels = select_labels({k: self.meta["labels"][k] for k in self.masks}, chosen)
+        return labels, {k: chosen if k == "lesion" else None for k in self.masks}
 
     def _split_rows(self, split: str | None) -> list[int]:
         if split is None:
@@ -127,11 +130,15 @@ class SliceArrayDataset(Dataset):
     def case_of(self, index: int) -> str:
         return self.cases[self.rows[index]]
 
+    def mask(self, kind: str, row: int) -> np.ndarray:
+        """The binary (uint8 {0, 1}) ``kind`` mask of array row ``row``, as the task's targets see it."""
+        return structure_mask(np.asarray(self.masks[kind][row]), self.keep[kind])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.rows[index]
         image = torch.from_numpy(np.array(self.images[row], dtype=np.float32))
-        target = task_target(*(np.asarray(self.masks[k][row]) if k in self.masks else None
-                               for k in ("lesion", "lung")), self.task)
+        target = task_target(*(self.mask(k, row) if k in self.masks else None for k in ("lesion", "lung")),
+                             self.task)
         mask = torch.from_numpy(target.astype(np.int64))
         if self.augment is not None:
             image, mask = self.augment(image, mask)
@@ -207,7 +214,7 @@ class PairFolderDataset(Dataset):
         if not pairs:
             raise InputError("no image-mask pairs given")
         self.pairs, self.preprocessing, self.augment = list(pairs), preprocessing, augment
-        self.task = "lesion"
+        self.task, self.labels, self.channels = "lesion", PAIR_LABELS, 1
 
     def __len__(self) -> int:
         return len(self.pairs)

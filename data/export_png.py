@@ -19,8 +19,7 @@ from utils.helpers import mask_to_png, save_png
 def export_pngs(data: str | Path, split: str | None, out: str | Path, n: int = 4) -> list[Path]:
     """Write the ``n`` slices of a split with the largest lesion area as PNG pairs; returns the image paths."""
     ds = SliceArrayDataset(data, split, "lesion")
-    masks = ds.masks["lesion"]
-    area = np.array([int(masks[r].sum()) for r in ds.rows])
+    area = np.array([int(ds.mask("lesion", r).sum()) for r in ds.rows])
     chosen = np.argsort(-area, kind="stable")[:n]
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -30,7 +29,7 @@ def export_pngs(data: str | Path, split: str | None, out: str | Path, n: int = 4
         row = ds.rows[i]
         name = f"{ds.cases[row]}_z{ds.meta['slices'][row]['z']:03d}.png"
         save_png((np.clip(ds.images[row], 0, 1) * 255).round().astype(np.uint8), out / "images" / name)
-        save_png(mask_to_png(masks[row]), out / "masks" / name)
+        save_png(mask_to_png(ds.mask("lesion", row)), out / "masks" / name)
         written.append(out / "images" / name)
     return written
 

@@ -81,7 +81,7 @@ def resize_images(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> 
 
 def resize_masks(m: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of (N, H, W) integer masks to (N, *size); labels stay integer (uint8)."""
-    t = torch.as_tensor(np.asarray(m, dtype=np.uint8))
+    t = torch.as_tensor(np.ascontiguousarray(m, dtype=np.uint8))  # display slices may be a flipped view
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(t.shape[-2:]) == size:
         return t.clone()

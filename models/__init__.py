@@ -16,8 +16,11 @@ from .unet import UNet
 
 _MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "deeplabv3": DeepLabV3}
 MODEL_NAMES = tuple(_MODELS)
+# the constructor options each model takes from the command line (train.py --width, --aux)
+_OPTIONS: dict[str, tuple[str, ...]] = {"unet": ("width",), "deeplabv3": ("aux",)}
 
-__all__ = ["MODEL_NAMES", "DeepLabV3", "UNet", "build_model", "load_backbone_weights", "model_from_checkpoint"]
+__all__ = ["MODEL_NAMES", "DeepLabV3", "UNet", "build_model", "load_backbone_weights", "model_from_checkpoint",
+           "model_options"]
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **kwargs) -> nn.Module:
@@ -36,6 +39,16 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **kwargs)
     if name not in _MODELS:
         raise InputError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
     return _MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def model_options(name: str, **options) -> dict:
+    """The options of ``options`` (e.g. every training flag) that model ``name`` takes, for :func:`build_model`.
+
+    ``model_options("unet", width=32, aux=False)`` -> ``{"width": 32}``.
+    """
+    if name not in _MODELS:
+        raise InputError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    return {k: options[k] for k in _OPTIONS[name] if k in options}
 
 
 def _describe_mismatch(held: dict, wanted: dict) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -129,32 +128,19 @@ def cli():
     return run_module
 
 
-def _tiny_volumes(root: Path, n: int, shape) -> str:
-    """Phantoms from data.synthetic; hand-made volumes when that module is broken (it is tested on its own)."""
-    try:
-        from data.synthetic import generate_dataset
-        generate_dataset(root, n, seed=0, shape=shape)
-        return "synthetic"
-    except Exception as e:  # noqa: BLE001 - a broken generator must not take every training test down with it
-        warnings.warn(f"data.synthetic failed ({type(e).__name__}: {e}); tiny_processed uses hand-made volumes")
-        for i in range(n):
-            case = tiny_case(i, shape)
-            for sub, key in (("images", "image"), ("lung_masks", "lung"), ("lesion_masks", "lesion")):
-                save_nifti(root / sub / f"phantom_{i:03d}.nii.gz", case[key])
-        return "hand-made"
-
-
 @pytest.fixture(scope="session")
 def tiny_processed(tmp_path_factory) -> Path:
     """A preprocessed + split folder, as train.py reads it: images.npy, lung_masks.npy, lesion_masks.npy
-    (N, 64, 64), meta.json, splits.json with 2 train / 1 val / 1 test patients, from 4 phantoms of
-    64x64x8 voxels (N = 32). Shared by the session: treat it as read-only.
+    (N, 64, 64), meta.json, splits.json with 2 train / 1 val / 1 test patients, from 4 data.synthetic
+    phantoms (seed 0) of 64x64x8 voxels (N = 32); a broken generator fails every test that uses it.
+    Shared by the session: treat it as read-only.
     """
     from data.preprocess import preprocess
     from data.split_data import split_preprocessed
+    from data.synthetic import generate_dataset
 
     base = tmp_path_factory.mktemp("tiny")
-    _tiny_volumes(base / "volumes", 4, (64, 64, 8))
+    generate_dataset(base / "volumes", 4, seed=0, shape=(64, 64, 8))
     out = base / "processed"
     preprocess(base / "volumes", out, size=64, workers=1, progress=False)
     split_preprocessed(out, val=0.25, test=0.25, by="patient", seed=0)

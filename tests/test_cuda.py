@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data.augment import BatchAugment, SpatialAugment
-from evaluate import evaluate
+from engine.evaluation import evaluate
 from tests.script_fixtures import processed, run_train, train_argv, trained  # noqa: F401
 from utils.checkpoint import load_checkpoint
 

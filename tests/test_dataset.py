@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, save_nifti, tiny_case
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data.dataset import (DeviceLoader, PairAugment, PairFolderDataset, SliceArrayDataset, dataset_bytes,
-                          find_pair_dirs, pair_files, task_target)
+                          find_pair_dirs, pair_files)
+from data.labels import task_target
 from data.preprocess import preprocess
 from data.split_data import make_splits
 from data.transforms import InputError, read_image, read_mask
@@ -59,7 +60,7 @@ def test_split_selects_exactly_its_cases_rows(tiny_processed, split):
     assert ds.rows == expected and len(ds) == len(expected) == 8 * len(wanted)
     assert {ds.case_of(i) for i in range(len(ds))} == wanted
     images = np.load(tiny_processed / "images.npy")
-    lesion = np.load(tiny_processed / "lesion_masks.npy")
+    lesion = np.load(tiny_processed / "lesion_masks.npy") > 0  # the lesion task: every label > 0
     for i in (0, len(ds) - 1):
         image, mask = ds[i]
         assert image.dtype == torch.float32 and image.shape == (1, 64, 64)
@@ -76,8 +77,11 @@ def test_splits_cover_every_row_once(tiny_processed):
 
 
 def test_tasks_build_their_targets(tiny_processed):
+    # the arrays keep the original labels (lung 1 left / 2 right; lesion 1 GGO / 2 consolidation)
     lung = np.load(tiny_processed / "lung_masks.npy")
     lesion = np.load(tiny_processed / "lesion_masks.npy")
+    assert set(np.unique(lung).tolist()) == set(np.unique(lesion).tolist()) == {0, 1, 2}
+    lung, lesion = (lung > 0).astype(np.uint8), (lesion > 0).astype(np.uint8)
     sets = {task: SliceArrayDataset(tiny_processed, split=None, task=task)
             for task in ("lesion", "lung", "lung+lesion")}
     seen = set()
@@ -394,3 +398,58 @@ def test_device_loader_says_when_the_data_does_not_fit(tiny_processed, monkeypat
     monkeypatch.setattr(torch, "empty", out_of_memory)
     with pytest.raises(InputError, match=rf"{len(ds)} slices \(0.0 GiB\) do not fit on cpu: .*--no-data-on-device"):
         DeviceLoader(ds, 4, range(len(ds)), torch.device("cpu"), progress=False)
+
+
+# ----------------------------------------------------------------------------- the label map
+def _phantom_folder(root, **kwargs):
+    """Two tiny cases (lesion: GGO = 1, consolidation = 2) preprocessed at their own size, all rows one split."""
+    for i in range(2):
+        case = tiny_case(i, (32, 32, 3))
+        for sub, key in (("images", "image"), ("lung_masks", "lung"), ("lesion_masks", "lesion")):
+            save_nifti(root / "src" / sub / f"c{i}.nii.gz", case[key])
+    preprocess(root / "src", root / "out", size=32, workers=1, progress=False, **kwargs)
+    return root / "out"
+
+
+def _targets(folder, task="lesion"):
+    ds = SliceArrayDataset(folder, None, task)
+    return ds, np.stack([ds[i][1].numpy() for i in range(len(ds))])
+
+
+def test_label_map_travels_from_preprocessing_to_the_targets(tmp_path):
+    out = _phantom_folder(tmp_path / "all")
+    lesion = np.load(out / "lesion_masks.npy")
+    assert set(np.unique(lesion).tolist()) == {0, 1, 2}  # GGO and consolidation kept apart
+    ds, targets = _targets(out)
+    np.testing.assert_array_equal(targets, lesion > 0)  # the lesion task: binary, as before
+    assert targets.dtype == np.int64 and ds.channels == 1
+    assert ds.labels == {"lesion": {"ground-glass opacity": 1, "consolidation": 2}}
+    ds, both = _targets(out, "lung+lesion")
+    assert ds.labels == {"lung": {"left lung": 1, "right lung": 2},
+                         "lesion": {"ground-glass opacity": 1, "consolidation": 2}}
+    np.testing.assert_array_equal(both, np.where(lesion > 0, 2, np.load(out / "lung_masks.npy") > 0))
+
+    ggo = _phantom_folder(tmp_path / "ggo", lesion_labels=[1])
+    np.testing.assert_array_equal(np.load(ggo / "lesion_masks.npy"), lesion)  # the selection is a view
+    ds, targets = _targets(ggo)
+    np.testing.assert_array_equal(targets, lesion == 1)
+    assert ds.labels == {"lesion": {"ground-glass opacity": 1}}
+
+
+def test_a_folder_preprocessed_before_the_label_map_still_loads(tmp_path):
+    out = _phantom_folder(tmp_path)
+    _, want = _targets(out, "lung+lesion")
+    # the old format: binary masks, no "labels" or "lesion_labels" in meta.json
+    for kind in ("lung", "lesion"):
+        np.save(out / f"{kind}_masks.npy", (np.load(out / f"{kind}_masks.npy") > 0).astype(np.uint8))
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["labels"], meta["lesion_labels"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    ds, got = _targets(out, "lung+lesion")
+    np.testing.assert_array_equal(got, want)
+    assert ds.labels == {"lung": {"lung": 1}, "lesion": {"lesion": 1}}
+
+
+def test_pair_folders_say_their_labels_and_channels(tmp_path):
+    ds = PairFolderDataset([(tmp_path / "a.png", tmp_path / "a_mask.png")], PREP)
+    assert ds.labels == {"lesion": {"lesion": 1}} and ds.channels == 1

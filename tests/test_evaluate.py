@@ -185,3 +185,20 @@ def test_checkpoint_of_other_preprocessing_is_refused(processed, tmp_path):
     with pytest.raises(InputError, match="preprocess"):
         run_evaluate(["--checkpoint", str(tmp_path / "ckpt" / "last.pth"), "--data", str(processed),
                       "--out", str(tmp_path / "eval")])
+
+
+def test_aggregate_reports_the_meters_figures_and_no_sd_for_one_patient():
+    import torch
+
+    from engine.evaluation import aggregate
+    from utils.metrics import SegmentationMeter, finite_or_none
+
+    meter = SegmentationMeter()
+    target = torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, 0]]])
+    meter.update(target.float(), target, cases=["a", "a"])
+    res, rows = aggregate(meter)
+    assert res["n_images"] == 2 and [r["empty_gt"] for r in rows] == [False, True]
+    assert res["per_image"]["dice"]["mean"] == 1.0 and res["per_image"]["specificity"]["n"] == 2
+    assert res["per_patient"]["cases"] == {"a": 1.0} and res["per_patient"]["dice"]["n"] == 1
+    # one rule for few values (utils.metrics.mean_sd): the sd of one value is undefined, null in results.json
+    assert finite_or_none(res["per_patient"]["dice"]) == {"mean": 1.0, "sd": None, "n": 1}

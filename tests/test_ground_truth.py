@@ -19,9 +19,11 @@ from PIL import Image
 import evaluate
 from data import transforms
 from data.preprocess import preprocess
-from data.transforms import InputError, read_mask, to_axial_slices
+from data.readers import read_case
+from data.transforms import InputError, make_preprocessing, read_mask, to_axial_slices
 from tests.conftest import LPS_AFFINE, save_nifti, tiny_case
 from tests.script_fixtures import processed, run_script, trained  # noqa: F401
+from utils.checkpoint import load_checkpoint
 from utils.volumes import dice_3d, volume_report, voxel_volume_ml
 
 RAS_AFFINE = np.diag([0.7, 0.7, 2.5, 1.0])  # same voxel size as LPS_AFFINE, axes x and y reversed
@@ -119,7 +121,7 @@ def test_evaluate_volumes_refuses_a_mask_with_background_minus_one(trained, tmp_
 
 
 def test_a_correct_mask_still_scores_its_3d_dice_and_volumes(trained, tmp_path):
-    from infer import Predictor
+    from engine.predict import Predictor
 
     src = volume_dir(tmp_path / "v", lung=False)
     ckpt = trained["out"] / "best_model.pth"
@@ -296,9 +298,71 @@ def test_an_8_bit_volume_under_the_hu_window_is_warned_about_by_name(tmp_path, c
 def test_evaluate_says_once_how_a_window_checkpoint_reads_image_files(trained, tmp_path):
     data = _pairs(tmp_path / "pairs", [("Imgs", "GT")], n=3)
     ckpt = trained["out"] / "best_model.pth"
-    note = transforms.image_files_note(evaluate.load_checkpoint(ckpt)["preprocessing"])
+    note = transforms.image_files_note(load_checkpoint(ckpt)["preprocessing"])
     assert note  # the fixture's checkpoint was trained on HU-windowed volumes
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         evaluate.evaluate(ckpt, data, out=tmp_path / "eval", device="cpu", progress=False, batch_size=1)
     assert buf.getvalue().count(note) == 1
+
+
+# ----------------------------------------------------------------------------- data.readers.read_case
+def _case_files(root, case=None, mask_affine=None):
+    case = case or tiny_case(0, (32, 32, 4))
+    paths = [save_nifti(root / f"{k}.nii.gz", case[k], mask_affine if k != "image" else None)
+             for k in ("image", "lung", "lesion")]
+    return case, paths
+
+
+def test_read_case_returns_slices_labels_and_geometry(tmp_path):
+    case, (image, lung, lesion) = _case_files(tmp_path)
+    vol = read_case(image, lung, lesion)
+    assert vol.image.dtype == np.float32 and vol.image.shape == (4, 32, 32)
+    np.testing.assert_array_equal(vol.image, to_axial_slices(case["image"].astype(np.float32), LPS_AFFINE))
+    for kind in ("lung", "lesion"):  # the original labels, in display orientation
+        assert vol.masks[kind].dtype == np.uint8
+        np.testing.assert_array_equal(vol.masks[kind], to_axial_slices(case[kind], LPS_AFFINE))
+        assert vol.label_values[kind] == [0, 1, 2]
+    assert vol.shape == vol.file_shape == (32, 32, 4) and vol.n_slices == 4
+    assert vol.spacing == pytest.approx([0.7, 0.7, 2.5]) and vol.voxel_ml == pytest.approx(voxel_volume_ml(LPS_AFFINE))
+    np.testing.assert_array_equal(vol.to_file_order(vol.masks["lesion"]), case["lesion"])
+    header_only = read_case(image, lung, lesion, voxels=False)
+    assert header_only.image is None and header_only.masks == {} and header_only.n_slices == 4
+
+
+def test_read_case_keeps_a_4d_file_shape(tmp_path):
+    case = tiny_case(0, (32, 32, 4))
+    path = save_nifti(tmp_path / "image.nii.gz", case["image"][..., None])
+    vol = read_case(path)
+    assert vol.shape == (32, 32, 4) and vol.file_shape == (32, 32, 4, 1) and vol.masks == {}
+    assert vol.to_file_order(vol.image).shape == (32, 32, 4, 1)
+
+
+@pytest.mark.parametrize("voxels", [True, False])
+def test_read_case_refuses_a_mask_off_the_image_grid(tmp_path, voxels):
+    shifted = np.array(LPS_AFFINE, float)
+    shifted[:3, 3] += 50
+    _, (image, lung, lesion) = _case_files(tmp_path, mask_affine=shifted)
+    with pytest.raises(InputError, match="lung.nii.gz.*resample"):
+        read_case(image, lung, lesion, voxels=voxels)
+
+
+def test_read_case_refuses_bad_labels_and_unknown_formats(tmp_path):
+    case, (image, lung, lesion) = _case_files(tmp_path)
+    bad = case["lesion"].astype(np.float32)
+    bad[0, 0, 0] = 0.5
+    save_nifti(lesion, bad)
+    with pytest.raises(InputError, match="lesion.nii.gz.*non-integer"):
+        read_case(image, lung, lesion)
+    (tmp_path / "scan.dcm").write_bytes(b"x")
+    with pytest.raises(InputError, match="scan.dcm.*not a volume format"):
+        read_case(tmp_path / "scan.dcm")
+
+
+def test_read_case_warns_about_8_bit_data_only_for_an_hu_window(tmp_path, capsys):
+    path = save_nifti(tmp_path / "eight.nii.gz", np.full((16, 16, 2), 200, np.uint8))
+    read_case(path, prep=make_preprocessing(16, "window"))
+    assert "eight.nii.gz" in capsys.readouterr().err
+    read_case(path, prep=make_preprocessing(16, "minmax"))
+    read_case(path)
+    assert capsys.readouterr().err == ""

@@ -19,7 +19,7 @@ from models import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
 from utils.helpers import amp_dtype
-from utils.inference import inference_model, predict
+from engine.predict import Predictor, inference_model, predict
 
 CPU = torch.device("cpu")
 
@@ -186,7 +186,7 @@ def test_nifti_masks_follow_the_voxel_order_of_the_file(checkpoint, phantoms, pr
     flipped[:3, 3] += affine[:3, 1] * (data.shape[1] - 1)
     volumes["flipped"] = (data[:, ::-1, :].copy(), flipped)
     # a threshold at the median probability makes the masks about half foreground, whatever was learned
-    predictor = infer.Predictor(checkpoint, "cpu", "off")
+    predictor = Predictor(checkpoint, "cpu", "off")
     probs = predictor.probs(prepare_slices(to_axial_slices(data.astype(np.float32), affine), predictor.prep))
     threshold = float(probs["lesion"].median())
     masks = {}
@@ -277,7 +277,7 @@ def test_checkpoints_that_disagree_are_not_averaged(checkpoint, tmp_path, proces
     ckpt["preprocessing"] = {**ckpt["preprocessing"], "size": 128}
     save_checkpoint(ckpt, tmp_path / "bigger.pth")
     with pytest.raises(InputError, match="only checkpoints that agree can be averaged"):
-        infer.Predictor([checkpoint, tmp_path / "bigger.pth"], "cpu")
+        Predictor([checkpoint, tmp_path / "bigger.pth"], "cpu")
 
 
 # ----------------------------------------------------------------------------- flip test-time augmentation
@@ -298,9 +298,9 @@ def test_tta_default_comes_from_the_checkpoint_and_the_flag_overrides_it(checkpo
     ckpt = load_checkpoint(checkpoint)
     assert ckpt["inference"] == {"tta": False}
     save_checkpoint({**ckpt, "inference": {"tta": True}}, tmp_path / "tta.pth")
-    assert infer.Predictor(tmp_path / "tta.pth", "cpu").tta is True
-    assert infer.Predictor(tmp_path / "tta.pth", "cpu", tta=False).tta is False
-    assert infer.Predictor(checkpoint, "cpu").tta is False
+    assert Predictor(tmp_path / "tta.pth", "cpu").tta is True
+    assert Predictor(tmp_path / "tta.pth", "cpu", tta=False).tta is False
+    assert Predictor(checkpoint, "cpu").tta is False
     save_slice(ct, tmp_path / "18.png", "L", (64, 64))
     maps = {}
     for name, ckpts, tta in (("ckpt", tmp_path / "tta.pth", None), ("flag", checkpoint, True), ("off", checkpoint, None)):

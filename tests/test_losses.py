@@ -16,6 +16,8 @@ from utils.losses import (
     ce_loss,
     dice_loss,
     get_loss,
+    loss_mode,
+    output_channels,
 )
 
 BIG = 20.0  # logit magnitude at which sigmoid/softmax are 1 - 2e-9 confident
@@ -81,9 +83,9 @@ def test_per_image_dice_weighs_each_image_equally():
     assert dice_loss(logits, t, batch=False).item() == pytest.approx(per_image, abs=1e-6)
     assert per_image > pooled  # the missed small lesion costs more per image
     for name in ("dice", "bce_dice"):
-        assert get_loss(name, 1, batch_dice=False)(logits, t).item() == pytest.approx(
+        assert get_loss(name, "binary", 2, batch_dice=False)(logits, t).item() == pytest.approx(
             LOSSES[name](logits, t, batch=False).item(), abs=1e-6)
-    assert get_loss("bce", 1, batch_dice=False)(logits, t).item() == pytest.approx(bce_loss(logits, t).item())
+    assert get_loss("bce", "binary", 2, batch_dice=False)(logits, t).item() == pytest.approx(bce_loss(logits, t).item())
     three = torch.tensor([[[0, 1], [2, 2]], [[1, 1], [0, 0]]])
     per_image_ce = (ce_dice_loss(onehot_logits(three[:1], 3), three[:1]) + ce_dice_loss(
         onehot_logits(torch.zeros_like(three[1:]), 3), three[1:])) / 2
@@ -115,16 +117,27 @@ def test_wrong_channel_count_raises(target):
     with pytest.raises(ValueError, match="bce"):
         ce_loss(torch.zeros(2, 1, 2, 2), target)
     with pytest.raises(ValueError, match="'ce'"):
-        get_loss("bce_dice", num_classes=3)
+        get_loss("bce_dice", "multiclass", 3)
     with pytest.raises(ValueError, match="'bce'"):
-        get_loss("ce", num_classes=1)
+        get_loss("ce", "binary", 2)
     with pytest.raises(ValueError, match="3 channels"):
-        get_loss("dice", num_classes=3)(torch.zeros(2, 2, 2, 2), target)
+        get_loss("dice", "multiclass", 3)(torch.zeros(2, 2, 2, 2), target)
+    with pytest.raises(ValueError, match="'ce' or 'ce_dice'"):
+        loss_mode("bce", 3)
+
+
+@pytest.mark.parametrize("name,classes,mode,channels", [
+    ("bce", 2, "binary", 1), ("bce_dice", 2, "binary", 1), ("dice", 2, "binary", 1), ("dice", 3, "multiclass", 3),
+    ("ce", 2, "multiclass", 2), ("ce_dice", 3, "multiclass", 3)])
+def test_the_mode_decides_the_output_channels(name, classes, mode, channels):
+    assert loss_mode(name, classes) == mode and output_channels(mode, classes) == channels
+    logits, target = torch.zeros(2, channels, 2, 2), torch.zeros(2, 2, 2, dtype=torch.long)
+    assert torch.isfinite(get_loss(name, mode, classes)(logits, target))
 
 
 def test_unknown_loss_name():
     with pytest.raises(ValueError, match="focal"):
-        get_loss("focal", num_classes=1)
+        get_loss("focal", "binary", 2)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -144,7 +157,7 @@ def test_float_target_raises():
 def test_list_outputs_use_aux_weight(target):
     torch.manual_seed(0)
     main, aux1, aux2 = (torch.randn(2, 1, 2, 2) for _ in range(3))
-    loss = get_loss("bce_dice", num_classes=1)
+    loss = get_loss("bce_dice", "binary", 2)
     expected = bce_dice_loss(main, target) + AUX_WEIGHT * (bce_dice_loss(aux1, target) + bce_dice_loss(aux2, target))
     torch.testing.assert_close(loss([main, aux1, aux2], target), expected)
     torch.testing.assert_close(loss([main], target), loss(main, target))
@@ -152,7 +165,7 @@ def test_list_outputs_use_aux_weight(target):
 
 def test_bf16_logits_computed_in_float32(target):
     logits = torch.randn(2, 2, 2, 2)
-    out = get_loss("ce_dice", num_classes=2)(logits.bfloat16(), target)
+    out = get_loss("ce_dice", "multiclass", 2)(logits.bfloat16(), target)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ce_dice_loss(logits.bfloat16().float(), target))
 
@@ -161,7 +174,7 @@ def test_bf16_logits_computed_in_float32(target):
 def test_gradients_finite(name, target):
     channels = 1 if name in ("bce", "bce_dice", "dice") else 2
     logits = torch.randn(2, channels, 2, 2, requires_grad=True)
-    get_loss(name, channels)(logits, target).backward()
+    get_loss(name, "binary" if channels == 1 else "multiclass", 2)(logits, target).backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
@@ -177,7 +190,8 @@ def test_losses_finite_and_non_negative(name, classes, seed, scale):
     gen = torch.Generator().manual_seed(seed)
     logits = scale * torch.randn(2, num_classes, 4, 4, generator=gen)
     target = torch.randint(0, max(num_classes, 2), (2, 4, 4), generator=gen)
-    value = get_loss(name, num_classes)(logits, target)
+    mode = "binary" if num_classes == 1 else "multiclass"
+    value = get_loss(name, mode, max(num_classes, 2))(logits, target)
     assert torch.isfinite(value) and value.item() >= 0
     if name == "dice":
         assert value.item() <= 1

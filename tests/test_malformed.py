@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.labels import structure_mask
 from data.preprocess import preprocess
 from data.transforms import MAX_IMAGE_SIDE, MAX_VOLUME_VOXELS, InputError, load_nifti, read_image
 from tests.script_fixtures import processed, run_script, trained  # noqa: F401
@@ -98,7 +99,9 @@ def test_unexpected_positive_labels_count_as_lesion_and_are_recorded(tmp_path):
     _volume_dir(tmp_path / "src", 7)
     meta = preprocess(tmp_path / "src", tmp_path / "out", size=16, workers=1, progress=False)
     assert meta["cases"]["c"]["lesion_label_values"] == [0, 7]
-    assert np.load(tmp_path / "out" / "lesion_masks.npy").sum() == 16
+    # the original labels are kept; the lesion is the binary view label > 0 (data.labels.structure_mask)
+    lesion = np.load(tmp_path / "out" / "lesion_masks.npy")
+    assert set(np.unique(lesion)) == {0, 7} and structure_mask(lesion, meta["lesion_labels"]).sum() == 16
     shutil.rmtree(tmp_path / "out")
-    preprocess(tmp_path / "src", tmp_path / "out", size=16, workers=1, progress=False, lesion_labels=[1, 2])
-    assert np.load(tmp_path / "out" / "lesion_masks.npy").sum() == 0
+    meta = preprocess(tmp_path / "src", tmp_path / "out", size=16, workers=1, progress=False, lesion_labels=[1, 2])
+    assert structure_mask(np.load(tmp_path / "out" / "lesion_masks.npy"), meta["lesion_labels"]).sum() == 0

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from utils.metrics import AUC_BINS, SegmentationMeter, confusion_counts, histogram_auc, metrics_from_counts
+from utils.metrics import (AUC_BINS, SegmentationMeter, confusion_counts, finite_or_none, histogram_auc, mean_sd,
+                           metrics_from_counts)
 
 
 def test_confusion_counts_hand_checked():
@@ -89,12 +90,12 @@ def test_perfect_and_disjoint():
     perfect.update(target.float(), target)
     s = perfect.summary()
     assert s["pooled"]["dice"] == s["pooled"]["iou"] == s["pooled"]["accuracy"] == 1.0
-    assert s["per_image"]["dice_mean"] == 1.0 and s["auc"] == 1.0
+    assert s["per_image"]["dice"]["mean"] == 1.0 and s["auc"] == 1.0
     disjoint = SegmentationMeter()
     disjoint.update(1 - target.float(), target)
     s = disjoint.summary()
     assert s["pooled"]["dice"] == s["pooled"]["iou"] == s["pooled"]["accuracy"] == 0.0
-    assert s["per_image"]["dice_mean"] == 0.0 and s["auc"] == 0.0
+    assert s["per_image"]["dice"]["mean"] == 0.0 and s["auc"] == 0.0
 
 
 def test_empty_ground_truth_reported_separately():
@@ -107,9 +108,10 @@ def test_empty_ground_truth_reported_separately():
     assert rows[0]["dice"] == pytest.approx(2 / 3)
     assert math.isnan(rows[1]["dice"]) and math.isnan(rows[2]["iou"])
     s = meter.summary()
-    assert s["per_image"]["n"] == 1
-    assert s["per_image"]["dice_mean"] == pytest.approx(2 / 3)  # empty-vs-empty is neither 0 nor 1 here
-    assert math.isnan(s["per_image"]["dice_sd"])  # sample SD needs 2 images
+    assert s["per_image"]["dice"]["n"] == 1
+    assert s["per_image"]["dice"]["mean"] == pytest.approx(2 / 3)  # empty-vs-empty is neither 0 nor 1 here
+    assert math.isnan(s["per_image"]["dice"]["sd"])  # sample SD needs 2 images
+    assert s["per_image"]["specificity"]["n"] == 3  # defined on lesion-free images too
     assert s["empty_gt"] == {"n": 2, "n_with_false_positive": 1, "fraction_clean": 0.5}
     assert s["per_patient"] is None
 
@@ -126,15 +128,26 @@ def test_per_patient_pools_counts_within_patient():
     assert patients["cases"]["a"]["tp"] == 3
     assert patients["cases"]["b"]["dice"] == pytest.approx(2 / 3)
     assert patients["cases"]["c"]["empty_gt"] and patients["cases"]["c"]["fp"] == 1
-    assert patients["n"] == 2
-    assert patients["dice_mean"] == pytest.approx((6 / 7 + 2 / 3) / 2)
-    assert patients["dice_sd"] == pytest.approx(np.std([6 / 7, 2 / 3], ddof=1))
+    assert patients["dice"]["n"] == 2
+    assert patients["dice"]["mean"] == pytest.approx((6 / 7 + 2 / 3) / 2)
+    assert patients["dice"]["sd"] == pytest.approx(np.std([6 / 7, 2 / 3], ddof=1))
     assert [r["case"] for r in meter.per_image()] == ["a", "a", "b", "c"]
 
 
 def test_empty_meter_is_nan():
     s = SegmentationMeter().summary()
-    assert math.isnan(s["pooled"]["dice"]) and math.isnan(s["auc"]) and s["per_image"]["n"] == 0
+    assert math.isnan(s["pooled"]["dice"]) and math.isnan(s["auc"]) and s["per_image"]["dice"]["n"] == 0
+
+
+def test_mean_sd_has_one_rule_for_few_values():
+    nan = float("nan")
+    none, one = mean_sd([]), mean_sd([0.5, nan, None])  # undefined figures are left out, not counted as 0
+    assert math.isnan(none["mean"]) and math.isnan(none["sd"]) and none["n"] == 0
+    assert one["mean"] == 0.5 and math.isnan(one["sd"]) and one["n"] == 1  # a sample SD needs 2 values
+    two = mean_sd([0.25, 0.75])
+    assert two == {"mean": 0.5, "sd": pytest.approx(np.std([0.25, 0.75], ddof=1)), "n": 2}
+    assert finite_or_none({"m": one, "v": [nan, np.float32(1.5), np.int64(2)]}) == \
+        {"m": {"mean": 0.5, "sd": None, "n": 1}, "v": [None, 1.5, 2]}
 
 
 def test_update_rejects_bad_input():

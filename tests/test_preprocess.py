@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import LPS_AFFINE, SHARED_DATA, run_module, save_nifti, tiny_case
 
-from data.preprocess import find_cases, get_args_parser, preprocess
+from data.preprocess import get_args_parser, preprocess
+from data.dataset import SliceArrayDataset
+from data.readers import find_cases
 from data.preprocess import main as preprocess_main
 from data.transforms import (InputError, from_axial_slices, load_nifti, make_preprocessing, normalize,
                              read_volume_data, resize_images, resize_masks, to_axial_slices)
@@ -118,7 +120,7 @@ def test_output_arrays_and_meta(tmp_path):
     assert 0 <= a["images"].min() and a["images"].max() <= 1 and a["images"].std() > 0.1
     for kind in ("lung_masks", "lesion_masks"):
         assert a[kind].shape == (7, 32, 32) and a[kind].dtype == np.uint8
-        assert set(np.unique(a[kind]).tolist()) == {0, 1}
+        assert set(np.unique(a[kind]).tolist()) == {0, 1, 2}  # the original labels
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["slices"] == [{"case": "c0", "z": z} for z in range(4)] + [{"case": "c1", "z": z} for z in range(3)]
     assert meta["cases"]["c0"]["rows"] == [0, 4] and meta["cases"]["c1"]["rows"] == [4, 7]
@@ -126,6 +128,9 @@ def test_output_arrays_and_meta(tmp_path):
     assert meta["masks"] == {"lung": True, "lesion": True}
     assert meta["label_mapping"]["lesion"] == "label > 0"
     assert meta["label_mapping"]["source_labels"]["default"] == {"1": "ground-glass opacity", "2": "consolidation"}
+    assert meta["labels"] == {"lung": {"left lung": 1, "right lung": 2},
+                              "lesion": {"ground-glass opacity": 1, "consolidation": 2}}
+    assert meta["lesion_labels"] is None
     for i, name in enumerate(("c0", "c1")):
         c = meta["cases"][name]
         assert c["shape"] == list(shapes[i]) and c["layout"] == "default"
@@ -134,8 +139,8 @@ def test_output_arrays_and_meta(tmp_path):
         assert c["lung_label_values"] == [0, 1, 2] and c["lesion_label_values"] == [0, 1, 2]
         # rows hold this case: its lesion voxel count (i + 2 of label 1, 3 of label 2; no resize at 32)
         r0, r1 = c["rows"]
-        assert a["lesion_masks"][r0:r1].sum() == (i + 2) + 3
-        assert a["lung_masks"][r0:r1].sum() == (tiny_case(i, shapes[i])["lung"] > 0).sum()
+        assert (a["lesion_masks"][r0:r1] == 1).sum() == i + 2 and (a["lesion_masks"][r0:r1] == 2).sum() == 3
+        assert (a["lung_masks"][r0:r1] > 0).sum() == (tiny_case(i, shapes[i])["lung"] > 0).sum()
 
 
 def test_window_values_hand_computed_per_slice(tmp_path):
@@ -272,7 +277,7 @@ def test_marker_at_patient_right_anterior_lands_top_left(tmp_path, affine):
 
 
 # ----------------------------------------------------------------------------- labels
-def test_lesion_labels_binarised_and_filtered(tmp_path):
+def test_lesion_labels_kept_and_selected_by_the_dataset(tmp_path):
     lesion = np.zeros((32, 32, 3), np.uint8)
     lesion[2:4, 2:4, 0] = 1  # 4 voxels
     lesion[10:13, 10:13, 1] = 2  # 9 voxels
@@ -282,18 +287,27 @@ def test_lesion_labels_binarised_and_filtered(tmp_path):
         save_nifti(tmp_path / "src" / sub / "p.nii.gz", data)
     meta = run(tmp_path / "src", tmp_path / "all")
     masks = np.load(tmp_path / "all" / "lesion_masks.npy")
-    assert set(np.unique(masks).tolist()) == {0, 1}
-    assert masks.sum(axis=(1, 2)).tolist() == [4, 9, 20]
+    assert (masks > 0).sum(axis=(1, 2)).tolist() == [4, 9, 20]
+    assert [int(m.max()) for m in masks] == [1, 2, 3]  # the original labels, not binarised
+    assert meta["labels"]["lesion"] == {"ground-glass opacity": 1, "consolidation": 2, "label 3": 3}
+    assert [int(t.sum()) for t in _targets(tmp_path / "all")] == [4, 9, 20]
     assert meta["cases"]["p"]["lesion_label_values"] == [0, 1, 2, 3]
     assert meta["masks"] == {"lung": False, "lesion": True}
     assert not (tmp_path / "all" / "lung_masks.npy").exists()
 
     meta = run(tmp_path / "src", tmp_path / "no3", lesion_labels=[1, 2])
-    masks = np.load(tmp_path / "no3" / "lesion_masks.npy")
-    assert masks.sum(axis=(1, 2)).tolist() == [4, 9, 0]
-    assert set(np.unique(masks).tolist()) == {0, 1}
+    assert (np.load(tmp_path / "no3" / "lesion_masks.npy") == masks).all()  # the selection is a view
+    assert meta["lesion_labels"] == [1, 2]
     assert meta["cases"]["p"]["lesion_label_values"] == [0, 1, 2, 3]
     assert "[1, 2]" in meta["label_mapping"]["lesion"]
+    targets = _targets(tmp_path / "no3")
+    assert [int(t.sum()) for t in targets] == [4, 9, 0] and set(np.unique(np.stack(targets))) == {0, 1}
+
+
+def _targets(folder) -> list[np.ndarray]:
+    """The lesion task's targets of every slice of a preprocessed folder."""
+    ds = SliceArrayDataset(folder, None, "lesion")
+    return [ds[i][1].numpy() for i in range(len(ds))]
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -318,7 +332,7 @@ def test_folder_layouts(tmp_path, make_volume_dir, layout, lesion_dir, names):
     expected = _expected_counts(src, lesion_dir)
     for name in names:  # each image paired with its own masks
         r0, r1 = meta["cases"][name]["rows"]
-        assert a["lesion_masks"][r0:r1].sum() == expected[name]
+        assert (a["lesion_masks"][r0:r1] > 0).sum() == expected[name]
         hu = np.asarray(nib.load(meta["cases"][name]["image"]).dataobj)
         assert a["images"][r0:r1].mean() == pytest.approx(hu_window(hu).mean(), abs=1e-5)
 
@@ -336,7 +350,7 @@ def test_medseg_tr_layout(tmp_path, with_lung):
     assert list(meta["cases"]) == ["tr_im"] and meta["cases"]["tr_im"]["layout"] == "medseg_tr"
     assert meta["masks"] == {"lung": with_lung, "lesion": True}
     assert (tmp_path / "out" / "lung_masks.npy").exists() == with_lung
-    assert np.load(tmp_path / "out" / "lesion_masks.npy").sum() == (5 + 2) + 3  # label 3 dropped
+    assert sum(int(t.sum()) for t in _targets(tmp_path / "out")) == (5 + 2) + 3  # label 3 dropped
     assert meta["cases"]["tr_im"]["lesion_label_values"] == [0, 1, 2, 3]
 
 
@@ -540,7 +554,7 @@ def test_cli_good_run_passes_options_through(tmp_path, capsys, make_volume_dir):
     assert meta["preprocessing"] == {"size": 32, "norm": "window", "window": [-500.0, 500.0]}
     assert meta["label_mapping"]["lesion"] == "label in [1]"
     # tiny_case(1): its 3 voxels of label 1 kept, its 3 of label 2 dropped
-    assert np.load(tmp_path / "out" / "lesion_masks.npy").sum() == 3
+    assert sum(int(t.sum()) for t in _targets(tmp_path / "out")) == 3
 
 
 # ----------------------------------------------------------------------------- parallel path

@@ -132,6 +132,11 @@ def channels_for(name: str, classes: int) -> int:
     return {"bce": 1, "bce_dice": 1, "ce": max(classes, 2), "ce_dice": max(classes, 2)}.get(name, classes)
 
 
+def loss_for(name: str, channels: int):
+    """The loss on ``channels`` output channels: one is binary (sigmoid), more are multiclass (softmax)."""
+    return get_loss(name, "binary" if channels == 1 else "multiclass", max(channels, 2))
+
+
 extreme = st.sampled_from([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4])
 
 
@@ -149,7 +154,7 @@ def test_losses_stay_finite_and_non_negative_at_extreme_logits(name, classes, da
         target = torch.tensor(data.draw(st.lists(st.integers(0, top - 1), min_size=24, max_size=24))).view(2, 3, 4)
     else:
         target = torch.full((2, 3, 4), 0 if target_kind == "all-background" else top - 1)
-    loss = get_loss(name, c)(logits, target)
+    loss = loss_for(name, c)(logits, target)
     assert torch.isfinite(loss) and loss.item() >= 0
     if name == "dice":
         assert loss.item() <= 1
@@ -165,7 +170,7 @@ def test_losses_do_not_depend_on_the_order_of_the_batch(name, classes, seed):
     logits = 5 * torch.randn(4, c, 5, 5, generator=gen)
     target = torch.randint(0, max(c, 2), (4, 5, 5), generator=gen)
     order = torch.randperm(4, generator=gen)
-    loss = get_loss(name, c)
+    loss = loss_for(name, c)
     torch.testing.assert_close(loss(logits[order], target[order]), loss(logits, target))
 
 

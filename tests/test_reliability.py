@@ -1,4 +1,4 @@
-"""Crash safety and safe loading: real training processes killed at chosen and random moments, Ctrl-C,
+"""Crash safety and safe loading: real training processes killed at chosen points, Ctrl-C,
 NaN losses, checkpoints carrying pickled code, and tampered or truncated checkpoints.
 
 The counts quoted in docs/RELIABILITY.md come from the constants here (KILLS, TRUNCATION_POINTS).
@@ -25,40 +25,68 @@ from PIL import Image
 
 import train
 from data.transforms import InputError
+from engine.training import Hooks, TrainingDiverged, build_loss
 from tests.script_fixtures import REPO, processed, run_train, train_argv, trained  # noqa: F401
 from models import model_from_checkpoint
 from utils.checkpoint import load_checkpoint, safe_load, save_checkpoint
 from utils.cli import run_cli
 
 EPOCHS = 12  # enough that the chain of kills below never reaches the end by accident
-# (kind of crash, ...): after-checkpoint = right after the epoch-2 checkpoint; mid-write = a few ms after a
-# checkpoint's temporary file appears (writes are slowed to ~50 ms); random = a random moment of training
-# (within two epochs' time of the run's start)
-KILLS = ("after-checkpoint", "mid-write", "random", "mid-write", "random")
+# The kills, one per process, in order; each resumes from the last.pth the previous one left. A point is
+# counted from its own process's start: (what, which file or step, the n-th time it happens)
+#   renamed  - right after the n-th rename onto the file (that epoch's checkpoint in place, its history row not yet)
+#   mid-write - after half the bytes of the n-th write of the file's temporary file
+#   unrenamed - the n-th temporary file written and fsync'ed, just before its rename
+#   step     - right after the n-th optimizer step (mid-epoch)
+KILLS = (("renamed", "last.pth", 2), ("mid-write", "last.pth", 1), ("unrenamed", "last.pth", 1),
+         ("step", "", 6), ("mid-write", "last.pth", 2))
+# the epoch (0-based) last.pth holds after each kill: 4 steps an epoch, one checkpoint an epoch
+EPOCH_AFTER_KILL = (1, 1, 1, 2, 3)
 TRUNCATION_POINTS = 64  # prefixes of a real checkpoint that must all be refused
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-# train.py with torch.save writing in 64 KiB chunks 2 ms apart, so a kill can land inside a checkpoint
-# write; the bytes written and everything else (atomic rename, fsync, resume) are the real ones
-SLOW_WRITER = r"""
-import io, os, sys, time
+# train.py that stops at a kill point: it touches READY and waits there, so the SIGKILL lands at that known
+# point instead of after a sleep a loaded machine may outrun. ``python -c KILL_POINT READY WHAT NAME N ARGV``.
+# Everything else (torch.save's bytes, fsync, the atomic rename, resume) is the real code.
+KILL_POINT = r"""
+import io, os, pathlib, sys, time
 import torch
-_save = torch.save
-def slow_save(obj, f, *args, **kwargs):
-    if not isinstance(f, (str, os.PathLike)):
+from torch.optim.optimizer import register_optimizer_step_post_hook
+ready, what, name, n, argv = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+seen = 0
+def count(hit=True):
+    global seen
+    seen += hit
+    return hit and seen == n
+def stop():
+    ready.touch()
+    while True:
+        time.sleep(0.01)
+def is_temp(path):  # the hidden temporary file of NAME: .NAME.tmp-PID
+    return os.path.basename(os.fspath(path)) == f".{name}.tmp-{os.getpid()}"
+_save, _replace = torch.save, os.replace
+def save(obj, f, *args, **kwargs):
+    if what != "mid-write" or not isinstance(f, (str, os.PathLike)) or not count(is_temp(f)):
         return _save(obj, f, *args, **kwargs)
     buf = io.BytesIO()
     _save(obj, buf, *args, **kwargs)
-    data = buf.getvalue()
     with open(f, "wb") as out:
-        for i in range(0, len(data), 1 << 16):
-            out.write(data[i:i + (1 << 16)])
-            out.flush()
-            time.sleep(0.002)
-torch.save = slow_save
+        out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        out.flush()
+    stop()
+def replace(src, dst, *args, **kwargs):
+    hit = os.path.basename(os.fspath(dst)) == name
+    if what == "unrenamed" and count(hit):
+        stop()
+    _replace(src, dst, *args, **kwargs)
+    if what == "renamed" and count(hit):
+        stop()
+torch.save, os.replace = save, replace
+if what == "step":
+    register_optimizer_step_post_hook(lambda *args: count() and stop())
 import train
 from utils.cli import run_cli
-run_cli(train.main, train.get_args_parser(), sys.argv[1:])
+run_cli(train.main, train.get_args_parser(), argv)
 """
 
 
@@ -70,9 +98,13 @@ def crash_argv(data, out, *extra: str) -> list[str]:
 _launched: list[subprocess.Popen] = []
 
 
-def launch(argv: list[str], log: Path, slow: bool = False) -> subprocess.Popen:
-    """Start train.py (or train.py with slow checkpoint writes) with stdout/stderr in LOG.out/LOG.err."""
-    cmd = [sys.executable, "-c", SLOW_WRITER, *argv] if slow else [sys.executable, "train.py", *argv]
+def launch(argv: list[str], log: Path, kill_point: tuple[Path, str, str, int] | None = None) -> subprocess.Popen:
+    """Start train.py with stdout/stderr in LOG.out/LOG.err; with ``kill_point`` (ready file, what, name, n),
+    train.py that stops at that point (see KILL_POINT)."""
+    if kill_point is None:
+        cmd = [sys.executable, "train.py", *argv]
+    else:
+        cmd = [sys.executable, "-c", KILL_POINT, *map(str, kill_point), *argv]
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=err)
     _launched.append(proc)
@@ -91,14 +123,14 @@ def _no_orphans():
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> bool:
-    """Poll every millisecond until ``condition()``; False if the process ended first."""
+    """Poll every 10 ms until ``condition()``; False if the process ended first."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if condition():
             return True
         if proc.poll() is not None:
             return bool(condition())
-        time.sleep(0.001)
+        time.sleep(0.01)
     proc.kill()
     raise AssertionError(f"timed out waiting on {proc.args[:3]}")
 
@@ -151,31 +183,20 @@ def reference(processed, tmp_path_factory) -> dict:
 
 # ----------------------------------------------------------------------------- SIGKILL, resume
 def test_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_run(processed, reference, tmp_path):
-    out, rng, done = tmp_path / "out", random.Random(0), []
-    # a random moment within the next two epochs, so that the kills never run out of epochs on a fast machine
-    span = 2 * max(row["seconds"] for row in reference["history"])
-    for i, kind in enumerate(KILLS):
+    out = tmp_path / "out"
+    for i, ((what, name, n), epoch) in enumerate(zip(KILLS, EPOCH_AFTER_KILL)):
         argv = crash_argv(processed, out, *(["--resume", str(out / "last.pth")] if (out / "last.pth").exists() else []))
-        proc = launch(argv, tmp_path / f"run{i}", slow=kind == "mid-write")
-        if kind == "after-checkpoint":
-            assert wait_for(lambda: history_rows(out) >= 2, proc)
-        elif kind == "mid-write":
-            temps = [out / f".{name}.tmp-{proc.pid}" for name in ("last.pth", "best_model.pth")]
-            assert wait_for(lambda: any(t.exists() for t in temps), proc)
-            time.sleep(rng.uniform(0.0, 0.03))
-        else:
-            log = (tmp_path / f"run{i}").with_suffix(".out")
-            assert wait_for(lambda: "parameters" in log.read_text(), proc)  # set up, training starts
-            time.sleep(rng.uniform(0.0, span))
+        ready, log = tmp_path / f"ready{i}", tmp_path / f"run{i}"
+        proc = launch(argv, log, (ready, what, name, n))
+        assert wait_for(ready.exists, proc), f"kill {i} ({what} {name} {n}): the run ended before that point\n" \
+                                             f"{log.with_suffix('.err').read_text()}"
         os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL, f"kill {i} ({kind}): the run ended on its own first"
+        assert proc.wait(timeout=30) == -signal.SIGKILL
         left = sorted(p.name for p in out.glob(f".*.tmp-{proc.pid}"))
-        done.append((kind, left))
+        # a write cut short leaves its hidden temporary file (the next run deletes it); no other point does
+        assert left == ([f".{name}.tmp-{proc.pid}"] if what in ("mid-write", "unrenamed") else []), (i, left)
         assert_outputs_loadable(out)
-        assert (out / "last.pth").exists(), f"kill {i} ({kind}) came before the first checkpoint"
-        if kind == "after-checkpoint":
-            assert load_checkpoint(out / "last.pth")["epoch"] >= 1
-    assert any(left for kind, left in done if kind == "mid-write"), f"no kill landed inside a write: {done}"
+        assert load_checkpoint(out / "last.pth")["epoch"] == epoch, f"kill {i} ({what} {name} {n})"
 
     proc = launch(crash_argv(processed, out, "--resume", str(out / "last.pth")), tmp_path / "final")
     assert proc.wait(timeout=300) == 0, (tmp_path / "final.err").read_text()
@@ -230,9 +251,10 @@ def test_full_disk_during_training_is_one_line(processed, tmp_path, monkeypatch,
 AT_SECOND_VALIDATION = r"""
 import pathlib, sys, time
 import train
+from engine.training import Hooks, validate as _validate
 from utils.cli import run_cli
 ready, argv = pathlib.Path(sys.argv[1]), sys.argv[2:]
-_validate, calls = train.validate, []
+calls = []
 def validate(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
@@ -240,8 +262,7 @@ def validate(*args, **kwargs):
         while True:
             time.sleep(0.01)
     return _validate(*args, **kwargs)
-train.validate = validate
-run_cli(train.main, train.get_args_parser(), argv)
+run_cli(lambda args: train.main(args, Hooks(validate=validate)), train.get_args_parser(), argv)
 """
 
 
@@ -262,6 +283,19 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(processed, tmp_path):
     assert load_checkpoint(out / "last.pth")["epoch"] == 0  # 0-based: epoch 1 finished, epoch 2 was dropped
 
 
+def wrapped_loss(wrap, **hooks) -> Hooks:
+    """Hooks whose criterion is the run's own wrapped by ``wrap`` (a fault injected at a known step)."""
+    def loss(*args, **kwargs):
+        criterion, channels = build_loss(*args, **kwargs)
+        return wrap(criterion), channels
+    return Hooks(loss=loss, **hooks)
+
+
+def run_hooked(argv: list[str], hooks: Hooks) -> None:
+    """train.py's command line, as run_cli runs it, with ``hooks`` injected."""
+    run_cli(lambda args: train.main(args, hooks), train.get_args_parser(), argv)
+
+
 class _Interrupt:
     """A criterion wrapper that raises KeyboardInterrupt at training step ``at`` (1-based, over all epochs)."""
 
@@ -280,11 +314,10 @@ class _Interrupt:
                                                 r"was saved"),
                                          (6, r"interrupted at epoch 2/2, step 2/4; .*last\.pth holds epoch 1: "
                                              r"resume with --resume .*last\.pth")])
-def test_ctrl_c_message_names_the_step_and_what_is_saved(processed, tmp_path, monkeypatch, capsys, at, expected):
-    get_loss = train.get_loss
-    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Interrupt(get_loss(*a, **k), at))
+def test_ctrl_c_message_names_the_step_and_what_is_saved(processed, tmp_path, capsys, at, expected):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=2))
+        run_hooked(train_argv(processed, tmp_path, "--no-augment", epochs=2),
+                   wrapped_loss(lambda criterion: _Interrupt(criterion, at)))
     assert exit_info.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.fullmatch(expected, err[0]), err
@@ -308,13 +341,10 @@ class _Poison:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
-def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(processed, tmp_path, monkeypatch,
-                                                                             capsys, value):
-    get_loss = train.get_loss
-    # at=7: epoch 2, step 3
-    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Poison(get_loss(*a, **k), at=7, value=value))
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=3))
+def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(processed, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:  # at=7: epoch 2, step 3
+        run_hooked(train_argv(processed, tmp_path, "--no-augment", epochs=3),
+                   wrapped_loss(lambda criterion: _Poison(criterion, at=7, value=value)))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -326,7 +356,7 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(p
     model_from_checkpoint(ckpt)
 
 
-def test_nonfinite_weights_after_the_last_step_are_never_saved(processed, tmp_path, monkeypatch):
+def test_nonfinite_weights_after_the_last_step_are_never_saved(processed, tmp_path):
     """The loss of the epoch's last step was finite, but that step's update broke the weights."""
     class BrokenAdam(torch.optim.Adam):
         steps = 0
@@ -338,24 +368,22 @@ def test_nonfinite_weights_after_the_last_step_are_never_saved(processed, tmp_pa
                 next(p for g in self.param_groups for p in g["params"]).data.fill_(math.inf)
             return result
 
-    monkeypatch.setattr(torch.optim, "Adam", BrokenAdam)
-    with pytest.raises(train.TrainingDiverged, match=r"weights stopped being finite in epoch 2/3.*holds epoch 1"):
-        run_train(train_argv(processed, tmp_path, "--no-augment", epochs=3))
+    hooks = Hooks(optimizer=lambda name, params, lr, weight_decay: BrokenAdam(params, lr=lr, weight_decay=weight_decay))
+    with pytest.raises(TrainingDiverged, match=r"weights stopped being finite in epoch 2/3.*holds epoch 1"):
+        train.main(train.get_args_parser().parse_args(train_argv(processed, tmp_path, "--no-augment", epochs=3)), hooks)
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
 
 
-def test_without_per_step_checks_the_epoch_end_check_still_stops_before_saving(processed, tmp_path, monkeypatch):
+def test_without_per_step_checks_the_epoch_end_check_still_stops_before_saving(processed, tmp_path):
     """The GPU path: non-finite losses are counted on the device and read once, at the end of the epoch."""
-    monkeypatch.setattr(train, "checks_loss_each_step", lambda device: False)
-    get_loss = train.get_loss
-    monkeypatch.setattr(train, "get_loss", lambda *a, **k: _Poison(get_loss(*a, **k), at=7, value=math.nan))
-    with pytest.raises(train.TrainingDiverged, match=r"not finite in 2 of 4 steps of epoch 2/3.*holds epoch 1"):
-        run_train(train_argv(processed, tmp_path, "--no-augment", epochs=3))
+    hooks = wrapped_loss(lambda criterion: _Poison(criterion, at=7, value=math.nan), check_each_step=lambda device: False)
+    with pytest.raises(TrainingDiverged, match=r"not finite in 2 of 4 steps of epoch 2/3.*holds epoch 1"):
+        train.main(train.get_args_parser().parse_args(train_argv(processed, tmp_path, "--no-augment", epochs=3)), hooks)
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
 
 
 # ----------------------------------------------------------------------------- tracebacks: bugs only
-def test_user_errors_are_one_line_but_bugs_keep_their_traceback(processed, tmp_path, monkeypatch, capsys):
+def test_user_errors_are_one_line_but_bugs_keep_their_traceback(processed, tmp_path, capsys):
     argv = train_argv(tmp_path / "missing", tmp_path / "out")
     with pytest.raises(SystemExit):
         run_cli(train.main, train.get_args_parser(), argv)
@@ -366,9 +394,8 @@ def test_user_errors_are_one_line_but_bugs_keep_their_traceback(processed, tmp_p
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug in validate")
 
-    monkeypatch.setattr(train, "validate", bug)
     with pytest.raises(ZeroDivisionError, match="a bug"):  # propagates: python prints the traceback
-        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path / "out", epochs=1))
+        run_hooked(train_argv(processed, tmp_path / "out", epochs=1), Hooks(validate=bug))
 
 
 # ----------------------------------------------------------------------------- safe loading

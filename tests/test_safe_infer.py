@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+import engine.batch
 import infer
 from data.transforms import InputError, image_files_note, load_image_slice, normalize, resize_images
+from engine.predict import Predictor
 from tests.script_fixtures import phantoms, processed, run_script, slice_rows, trained  # noqa: F401
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -144,7 +146,7 @@ def test_exported_png_gives_the_mask_of_the_preprocessed_slice(checkpoint, phant
     preprocess(_clipped_phantom(phantoms, tmp_path / "volumes"), data, size=64, workers=1, progress=False)
     pngs = export_pngs(data, None, tmp_path / "examples", n=2)
     meta, images = json.loads((data / "meta.json").read_text()), np.load(data / "images.npy")
-    predictor = infer.Predictor(checkpoint, "cpu", "off")
+    predictor = Predictor(checkpoint, "cpu", "off")
     assert predictor.prep["norm"] == "window" and image_files_note(predictor.prep)
     for png in pngs:
         row = next(i for i, s in enumerate(meta["slices"]) if f"{s['case']}_z{s['z']:03d}.png" == png.name)
@@ -212,7 +214,7 @@ def test_an_interrupted_folder_run_keeps_finished_masks_and_the_rerun_completes(
                                                                                 monkeypatch):
     folder, out = tmp_path / "slices", tmp_path / "masks"
     slice_folder(folder, slices)
-    real, calls = infer.mask_to_png, []
+    real, calls = engine.batch.mask_to_png, []
 
     def interrupted_after_the_first(*a, **k):  # Ctrl-C while the second mask is being written
         if calls:
@@ -220,7 +222,7 @@ def test_an_interrupted_folder_run_keeps_finished_masks_and_the_rerun_completes(
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(infer, "mask_to_png", interrupted_after_the_first)
+    monkeypatch.setattr(engine.batch, "mask_to_png", interrupted_after_the_first)
     with pytest.raises(KeyboardInterrupt, match="1 of 3 cases are done"):
         run_infer(checkpoint, folder, out)
     manifest = json.loads((out / "infer_manifest.json").read_text())
@@ -228,7 +230,7 @@ def test_an_interrupted_folder_run_keeps_finished_masks_and_the_rerun_completes(
     assert [k for k, c in manifest["cases"].items() if c["status"] == "done"] == ["s0.png"]
     first = (out / "s0.png").stat().st_mtime_ns
 
-    monkeypatch.setattr(infer, "mask_to_png", real)
+    monkeypatch.setattr(engine.batch, "mask_to_png", real)
     written, stdout = run_infer(checkpoint, folder, out)
     assert [p.name for p in written] == ["s0.png", "s1.png", "s2.png"] and "skipping 1" in stdout
     assert (out / "s0.png").stat().st_mtime_ns == first

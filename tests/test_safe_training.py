@@ -25,6 +25,7 @@ from PIL import Image
 import train
 from data.dataset import PairAugment
 from data.transforms import InputError
+from engine.training import Hooks, is_better
 from tests.script_fixtures import REPO, SIZE, export_pairs, processed, run_script, run_train, train_argv  # noqa: F401
 from tests.test_recipe import SEMISEG, run_recipe
 from utils import checkpoint
@@ -53,15 +54,19 @@ def pairs(tmp_path, make_pair_folder) -> Path:
     return tmp_path / "pairs"
 
 
-def scripted_validation(monkeypatch, rows: list[tuple[float, float]]) -> None:
-    """Make train.validate return (score, loss) of ROWS in turn: which epoch wins is then known."""
+def scripted_validation(rows: list[tuple[float, float]]) -> Hooks:
+    """Hooks whose validation returns (score, loss) of ROWS in turn: which epoch wins is then known."""
     it = iter(rows)
 
     def validate(*args, **kwargs):
         score, loss = next(it)
         return {"loss": loss, "dice": score, "iou": score, "score": score}
 
-    monkeypatch.setattr(train, "validate", validate)
+    return Hooks(validate=validate)
+
+
+def run_hooked(argv: list[str], hooks: Hooks) -> dict:
+    return train.main(train.get_args_parser().parse_args(argv), hooks)
 
 
 # ----------------------------------------------------------------------------- 4: one run per folder
@@ -150,12 +155,12 @@ def test_resume_accepts_the_same_data_moved_elsewhere(pairs, tmp_path):
     assert [r["epoch"] for r in result["history"]] == [1, 2]
 
 
-def test_final_message_names_only_the_best_model_that_exists(pairs, tmp_path, monkeypatch, capsys):
+def test_final_message_names_only_the_best_model_that_exists(pairs, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
-    scripted_validation(monkeypatch, [(0.5, 1.0), (0.1, 0.9)])  # epoch 1 is the best
-    run_train(train_argv(pairs, first, "--size", "32", epochs=1))
+    hooks = scripted_validation([(0.5, 1.0), (0.1, 0.9)])  # epoch 1 is the best
+    run_hooked(train_argv(pairs, first, "--size", "32", epochs=1), hooks)
     capsys.readouterr()
-    run_train(train_argv(pairs, second, "--size", "32", "--resume", str(first / "last.pth"), epochs=2))
+    run_hooked(train_argv(pairs, second, "--size", "32", "--resume", str(first / "last.pth"), epochs=2), hooks)
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert not (second / "best_model.pth").exists()
     assert f"epoch 1's best_model.pth is {first / 'best_model.pth'}" in last_line, last_line
@@ -166,25 +171,24 @@ def test_final_message_names_only_the_best_model_that_exists(pairs, tmp_path, mo
 @pytest.mark.parametrize("score, loss, expected", [(0.5, 9.0, True), (0.2, 0.1, False), (0.3, 0.4, True),
                                                    (0.3, 0.5, False), (0.3, 0.6, False)])
 def test_a_tied_validation_score_is_broken_by_the_lower_loss(score, loss, expected):
-    assert train.is_better(score, loss, best_score=0.3, best_loss=0.5) is expected
+    assert is_better(score, loss, best_score=0.3, best_loss=0.5) is expected
 
 
-def test_best_model_follows_a_falling_loss_when_dice_stays_zero(pairs, tmp_path, monkeypatch):
+def test_best_model_follows_a_falling_loss_when_dice_stays_zero(pairs, tmp_path):
     out = tmp_path / "run"
-    scripted_validation(monkeypatch, [(0.0, 1.0), (0.0, 0.8), (0.0, 0.9)])
-    run_train(train_argv(pairs, out, "--size", "32", epochs=3))
+    run_hooked(train_argv(pairs, out, "--size", "32", epochs=3), scripted_validation([(0.0, 1.0), (0.0, 0.8), (0.0, 0.9)]))
     best = load_checkpoint(out / "best_model.pth")
     assert best["epoch"] == 1 and best["best_loss"] == 0.8  # epoch 2: same Dice, lowest loss
 
 
-def test_resume_from_a_checkpoint_without_best_loss_keeps_the_best_epoch(pairs, tmp_path, monkeypatch):
+def test_resume_from_a_checkpoint_without_best_loss_keeps_the_best_epoch(pairs, tmp_path):
     out = tmp_path / "run"
-    scripted_validation(monkeypatch, [(0.5, 1.0), (0.2, 0.1), (0.5, 1.2)])
-    run_train(train_argv(pairs, out, "--size", "32", epochs=2))
+    hooks = scripted_validation([(0.5, 1.0), (0.2, 0.1), (0.5, 1.2)])
+    run_hooked(train_argv(pairs, out, "--size", "32", epochs=2), hooks)
     old = load_checkpoint(out / "last.pth")
     del old["best_loss"]  # as written before the tie-break existed
     torch.save(old, out / "last.pth")
-    run_train(train_argv(pairs, out, "--size", "32", "--resume", str(out / "last.pth"), epochs=3))
+    run_hooked(train_argv(pairs, out, "--size", "32", "--resume", str(out / "last.pth"), epochs=3), hooks)
     assert load_checkpoint(out / "best_model.pth")["epoch"] == 0  # a tie with a higher loss than epoch 1's
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 import train
 from data.dataset import SliceArrayDataset, dataset_bytes
 from data.transforms import InputError
+from engine.training import data_on_device
 from tests.script_fixtures import (SIZE, export_pairs, processed, run_script, run_train,  # noqa: F401
                                    train_argv, trained)
 from models import model_from_checkpoint
@@ -154,7 +155,7 @@ def test_trains_on_a_folder_of_pairs_in_the_seed_layout(processed, tmp_path, cap
     assert "16 train / 8 val slices" in capsys.readouterr().out
     assert math.isfinite(result["history"][0]["train_loss"])
     ckpt = torch.load(tmp_path / "out" / "best_model.pth", weights_only=True)
-    assert ckpt["data_kind"] == "pairs"
+    assert ckpt["data"]["kind"] == "pairs" and "data_kind" not in ckpt  # data_kind: dropped, it was never read
     assert ckpt["preprocessing"]["size"] == SIZE and ckpt["preprocessing"]["norm"] == "minmax"
 
 
@@ -289,11 +290,11 @@ def test_data_goes_on_the_device_by_default_only_on_a_gpu_with_room(processed, m
     ds = SliceArrayDataset(processed, "train")
     need = dataset_bytes(ds)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not train.data_on_device(None, cpu, ds) and train.data_on_device(True, cpu, ds)
+    assert not data_on_device(None, cpu, ds) and data_on_device(True, cpu, ds)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * need + 4, 8 * need))
-    assert train.data_on_device(None, cuda, ds) and not train.data_on_device(False, cuda, ds)
+    assert data_on_device(None, cuda, ds) and not data_on_device(False, cuda, ds)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * need - 4, 8 * need))
-    assert not train.data_on_device(None, cuda, ds)  # over a quarter of the free memory: the DataLoader
+    assert not data_on_device(None, cuda, ds)  # over a quarter of the free memory: the DataLoader
 
 
 def test_cudnn_autotuning_is_on_unless_deterministic(monkeypatch):

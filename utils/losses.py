@@ -107,41 +107,72 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "ce": ce_loss,
     "ce_dice": ce_dice_loss,
 }
-_SINGLE_CHANNEL = ("bce", "bce_dice")
-_MULTI_CHANNEL = ("ce", "ce_dice")
+MODES = ("binary", "multiclass")
+_BINARY = ("bce", "bce_dice")  # sigmoid losses
+_MULTICLASS = ("ce", "ce_dice")  # softmax losses; dice takes either mode
 _WITH_DICE = ("dice", "bce_dice", "ce_dice")
 
 
+def loss_mode(name: str, num_classes: int) -> str:
+    """The mode a loss runs in for ``num_classes`` classes (background included): the one rule.
+
+    bce/bce_dice are "binary" (two classes only), ce/ce_dice "multiclass", dice "binary" for two classes
+    and "multiclass" for more. Raises ValueError for a binary loss on more than two classes.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {tuple(LOSSES)}")
+    if name in _BINARY:
+        if num_classes > 2:
+            raise ValueError(f"loss {name!r} is binary; {num_classes} classes need 'ce' or 'ce_dice'")
+        return "binary"
+    if name in _MULTICLASS:
+        return "multiclass"
+    return "binary" if num_classes == 2 else "multiclass"
+
+
+def output_channels(mode: str, num_classes: int) -> int:
+    """The model's output channels a loss of ``mode`` reads: 1 sigmoid channel (binary), or one softmax
+    channel per class, background included (multiclass)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; choose one of {MODES}")
+    return 1 if mode == "binary" else num_classes
+
+
 def get_loss(
-    name: str, num_classes: int, batch_dice: bool = True
+    name: str, mode: str, num_classes: int, batch_dice: bool = True
 ) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
-    """Return `loss(outputs, target)` for the named loss, checked against the model's output channels.
+    """Return `loss(outputs, target)` for the named loss in the stated mode (segmentation_models.pytorch style).
 
     Args:
         name: one of `LOSSES`.
-        num_classes: the model's output channels; bce/bce_dice need 1, ce/ce_dice need >= 2, dice takes any.
+        mode: "binary" (logits (N, 1, H, W), target in {0, 1}) or "multiclass" (logits (N, num_classes, H, W),
+            target in [0, num_classes)); :func:`loss_mode` gives the mode a loss takes by default.
+        num_classes: classes of the target, background included (2 for lesion vs background).
         batch_dice: the Dice term pooled over the batch (True) or averaged over images (False); see `dice_loss`.
 
     Returns:
-        A callable taking `outputs` = logits (N, C, H, W) or a list `[main, aux, ...]` of them (auxiliary or
-        deep-supervision heads) and target (N, H, W); it returns
+        A callable taking `outputs` = logits (N, C, H, W), C = `output_channels(mode, num_classes)`, or a
+        list `[main, aux, ...]` of them (auxiliary or deep-supervision heads) and target (N, H, W); it returns
         `loss(main) + AUX_WEIGHT * sum(loss(aux_i))`.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {tuple(LOSSES)}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if name in _SINGLE_CHANNEL and num_classes != 1:
-        raise ValueError(f"loss {name!r} needs a 1-channel model, got num_classes={num_classes}; use 'ce' or 'ce_dice'")
-    if name in _MULTI_CHANNEL and num_classes < 2:
-        raise ValueError(f"loss {name!r} needs num_classes >= 2, got {num_classes}; use 'bce' or 'bce_dice'")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
+    if mode == "binary" and num_classes != 2:
+        raise ValueError(f"mode 'binary' is for 2 classes, got num_classes={num_classes}; use mode 'multiclass'")
+    if name in _BINARY and mode != "binary":
+        raise ValueError(f"loss {name!r} is binary (1 sigmoid channel), asked for mode {mode!r}; use 'ce' or 'ce_dice'")
+    if name in _MULTICLASS and mode != "multiclass":
+        raise ValueError(f"loss {name!r} is multiclass, asked for mode {mode!r}; use 'bce' or 'bce_dice'")
+    num_channels = output_channels(mode, num_classes)
     fn = LOSSES[name]
     if name in _WITH_DICE and not batch_dice:
         fn = partial(fn, batch=False)
 
     def single(logits: Tensor, target: Tensor) -> Tensor:
-        if logits.ndim != 4 or logits.shape[1] != num_classes:
-            raise ValueError(f"loss {name!r} was set up for {num_classes} channels, logits are {tuple(logits.shape)}")
+        if logits.ndim != 4 or logits.shape[1] != num_channels:
+            raise ValueError(f"loss {name!r} was set up for {num_channels} channels, logits are {tuple(logits.shape)}")
         return fn(logits, target)
 
     def loss(outputs: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:

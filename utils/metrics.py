@@ -7,7 +7,8 @@ are reported separately (how many have false positives) and left out of the Dice
 For a multi-class task, score each class k on the binary masks `pred == k`, `target == k`.
 """
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -71,28 +72,52 @@ def metrics_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
     }
 
 
-def _overlap(counts: Sequence[int]) -> dict:
-    """Dice/IoU of one image or patient, nan when its ground truth is empty (see module rule)."""
+# The figures reported per image and per patient (all of metrics_from_counts).
+METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy", "f1")
+# Undefined on an empty ground truth (nothing to overlap or to recall): nan there, see the module rule.
+OVERLAP_METRICS = ("dice", "iou", "f1", "recall")
+
+
+def _scores(counts: Sequence[int]) -> dict:
+    """Every metric of one image or patient, overlap metrics nan when its ground truth is empty, plus the counts."""
     tp, fp, fn, tn = (int(c) for c in counts)
     empty_gt = tp + fn == 0
     scores = metrics_from_counts(tp, fp, fn, tn)
-    return {
-        "dice": float("nan") if empty_gt else scores["dice"],
-        "iou": float("nan") if empty_gt else scores["iou"],
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-        "empty_gt": empty_gt,
-    }
+    if empty_gt:
+        scores.update({k: float("nan") for k in OVERLAP_METRICS})
+    return {**scores, "tp": tp, "fp": fp, "fn": fn, "tn": tn, "empty_gt": empty_gt}
 
 
-def _mean_sd(rows: list[dict]) -> dict:
-    """Mean and sample SD (ddof=1; nan below 2 values) of Dice and IoU over rows with non-empty ground truth."""
-    rows = [r for r in rows if not r["empty_gt"]]
-    out = {"n": len(rows)}
-    for key in ("dice", "iou"):
-        values = np.array([r[key] for r in rows], dtype=np.float64)
-        out[f"{key}_mean"] = float(values.mean()) if len(values) else float("nan")
-        out[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-    return out
+def mean_sd(values: Iterable[float | None]) -> dict:
+    """Mean and sample SD (ddof=1) of the defined values: None and nan (undefined figures) are left out.
+
+    The one rule for few values: no values -> mean nan, sd nan; one value -> sd nan (a sample SD needs
+    two). n counts the values used. :func:`finite_or_none` writes nan as JSON null.
+
+    Returns:
+        {"mean": float, "sd": float, "n": int}
+    """
+    vals = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    return {"mean": float(vals.mean()) if len(vals) else float("nan"),
+            "sd": float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"), "n": int(len(vals))}
+
+
+def finite_or_none(obj):
+    """Undefined figures (nan) become JSON null, so strict JSON readers accept results.json."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _aggregate(rows: list[dict]) -> dict[str, dict]:
+    """:func:`mean_sd` of every metric over rows (images or patients); {metric: {"mean", "sd", "n"}}."""
+    return {k: mean_sd(r[k] for r in rows) for k in METRICS}
 
 
 def histogram_auc(pos_hist: Tensor, neg_hist: Tensor) -> float:
@@ -175,8 +200,9 @@ class SegmentationMeter:
         return {**metrics_from_counts(tp, fp, fn, tn), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
     def per_image(self) -> list[dict]:
-        """One dict per image: dice, iou (nan if empty_gt), tp, fp, fn, tn, empty_gt, case (None if not given)."""
-        return [{**_overlap(c.tolist()), "case": case} for c, case in zip(self._counts(), self._cases)]
+        """One dict per image: every metric of METRICS (dice, iou, f1 and recall nan if empty_gt), tp, fp, fn,
+        tn, empty_gt, case (None if not given)."""
+        return [{**_scores(c.tolist()), "case": case} for c, case in zip(self._counts(), self._cases)]
 
     def summary(self) -> dict:
         """Everything accumulated.
@@ -184,7 +210,8 @@ class SegmentationMeter:
         Returns:
             dict with
             "pooled": `pooled()`;
-            "per_image": dice/iou mean and sample SD and n, over images with non-empty ground truth;
+            "per_image": {metric: {"mean", "sd", "n"}} for every metric of METRICS, over the images where
+                it is defined (see :func:`mean_sd`; Dice and IoU over images with non-empty ground truth);
             "empty_gt": {n, n_with_false_positive, fraction_clean} over images with empty ground truth;
             "per_patient": None if no case ids were given, else the same aggregate over patients (Dice of
                 each patient's summed counts, patients without any lesion excluded), plus "cases":
@@ -202,12 +229,12 @@ class SegmentationMeter:
                 counts = np.array([r["tp"], r["fp"], r["fn"], r["tn"]], dtype=np.int64)
                 patient_counts[r["case"]] = patient_counts.get(r["case"], 0) + counts
         if patient_counts:
-            cases = {case: _overlap(counts) for case, counts in patient_counts.items()}
-            per_patient = {**_mean_sd(list(cases.values())), "cases": cases}
+            cases = {case: _scores(counts) for case, counts in patient_counts.items()}
+            per_patient = {**_aggregate(list(cases.values())), "cases": cases}
 
         return {
             "pooled": self.pooled(),
-            "per_image": _mean_sd(images),
+            "per_image": _aggregate(images),
             "empty_gt": {
                 "n": len(empty),
                 "n_with_false_positive": n_fp,
