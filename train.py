@@ -141,9 +141,11 @@ def make_loaders(args: argparse.Namespace, train_set, val_set, ctx: distributed.
     return train_loader, val_loader, sampler, gen, on_device
 
 
-def make_model(args: argparse.Namespace, channels: int, ctx: distributed.Context, device: torch.device, fmt):
-    """The model of --model with its options, --backbone-weights loaded, on ``device`` in layout ``fmt``."""
-    model = build_model(args.model, in_channels=1, num_classes=channels, **model_options(args.model, **vars(args)))
+def make_model(args: argparse.Namespace, in_channels: int, channels: int, ctx: distributed.Context,
+               device: torch.device, fmt):
+    """The model of --model with its options (``in_channels`` from the data, ``channels`` outputs from the loss),
+    --backbone-weights loaded, on ``device`` in layout ``fmt``."""
+    model = build_model(args.model, in_channels=in_channels, num_classes=channels, **model_options(args.model, **vars(args)))
     if args.backbone_weights:
         if args.model != "deeplabv3":
             raise InputError("--backbone-weights applies to --model deeplabv3 only")
@@ -207,7 +209,7 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
                                                          args.seed, args.augment, args.folds, args.fold or 0)
     train_loader, val_loader, sampler, gen, on_device = make_loaders(args, train_set, val_set, ctx, device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = make_model(args, channels, ctx, device, fmt)
+    model = make_model(args, train_set.channels, channels, ctx, device, fmt)
     optimizer = hooks.optimizer(args.opt, model.parameters(), args.lr, args.weight_decay)
     # augmentation done per batch on the training device: flips, turns and jitter when the data sits there
     # (otherwise the loader's workers do them per item), and the warp of --augment strong

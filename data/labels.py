@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STRUCTURES = ("lung", "lesion")  # the mask kinds a layout may hold
 # What each task predicts, in output order; the target's class indices that make each structure
 # (lung+lesion: 0 background, 1 lung, 2 lesion; the lung is classes 1 and 2, since lesions lie inside it).
 TASK_OUTPUTS = {"lesion": ("lesion",), "lung": ("lung",), "lung+lesion": ("lung", "lesion")}

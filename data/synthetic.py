@@ -27,6 +27,7 @@ import functools
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -251,9 +252,26 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be np.random.default_rng(...), got {type(rng).__name__}")
-    nx, ny, nz = _check_shape(shape)
-    u = rng.uniform
+    # each step draws from rng in turn, in a fixed order: the same seed gives the same patient
+    s = _sampling(rng.uniform, _check_shape(shape))
+    s.hu = _tissue_values(rng.uniform)
+    img = _paint_body(rng.uniform, s)
+    img = _paint_bones(rng.uniform, s, img)
+    img = _paint_mediastinum(rng.uniform, s, img)
+    img, lung, lesion = _paint_lungs(rng, s, img)
+    image = _scan(rng, img, s.hu.psf_sigma, s.hu.noise_sd)
+    sx, sz = s.sx, s.sz
+    affine = np.diag([-sx, -sx, sz, 1.0])
+    # DICOM-like placement: world origin near the image centre; table height and couch position vary
+    affine[:3, 3] = [(s.nx - 1) / 2 * sx, (s.ny - 1) / 2 * sx + rng.uniform(-20, 20), rng.uniform(-350, -100)]
+    return {"image": image, "lung": lung, "lesion": lesion, "affine": affine,
+            "spacing": (float(sx), float(sx), float(sz))}
 
+
+def _sampling(u, shape: tuple) -> SimpleNamespace:
+    """Patient size and voxel sampling (adult millimetres; the affine scales them, see module doc): the
+    coordinate grid every later step paints on, and the organ scale k."""
+    nx, ny, nz = shape
     # --- patient size and sampling (adult millimetres; the affine scales them, see module doc)
     half_w = u(140, 180)  # body 280-360 mm wide...
     half_ap = half_w * u(0.64, 0.76)  # ...and 180-270 mm deep
@@ -272,8 +290,12 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     z = (z_mid + (np.arange(nz) - (nz - 1) / 2) * pz).astype(np.float32).reshape(1, 1, -1)
     full = (nx, ny, nz)
     grid = _Grid(x, y, z, px, pz, full)
+    return SimpleNamespace(nx=nx, ny=ny, nz=nz, half_w=half_w, half_ap=half_ap, fov=fov, px=px, sx=sx, sz=sz,
+                           pz=pz, k=k, x=x, y=y, z=z, full=full, grid=grid)
 
-    # --- tissue values in HU, per patient
+
+def _tissue_values(u) -> SimpleNamespace:
+    """Tissue values in HU for one patient, and the scanner's blur and noise."""
     hu_air = -1000.0
     hu_fat = u(-120, -95)
     hu_muscle = u(35, 55)
@@ -288,7 +310,16 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     hu_ggo, hu_cons = u(-600, -420), u(-40, 40)
     noise_sd = u(12, 22)
     psf_sigma = u(0.6, 1.0)  # in voxels
+    return SimpleNamespace(air=hu_air, fat=hu_fat, muscle=hu_muscle, blood=hu_blood, myocardium=hu_myocardium,
+                           cortical=hu_cortical, marrow=hu_marrow, lung_front=hu_lung_front,
+                           lung_gradient=hu_lung_gradient, ggo=hu_ggo, cons=hu_cons, noise_sd=noise_sd,
+                           psf_sigma=psf_sigma)
 
+
+def _paint_body(u, s: SimpleNamespace) -> np.ndarray:
+    """Body outline, fat and chest wall on the patient table; records the thoracic cavity's extents in s."""
+    x, y, k, fov, half_w, half_ap, nx, ny = s.x, s.y, s.k, s.fov, s.half_w, s.half_ap, s.nx, s.ny
+    hu_air, hu_fat, hu_muscle = s.hu.air, s.hu.fat, s.hu.muscle
     # --- body outline: a boxy ellipse with a flat back, on the table
     yb = -u(0.03, 0.08) * fov / 2
     back = yb + 0.92 * half_ap
@@ -330,7 +361,18 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
 
     # --- thoracic cavity: mediastinal fat in the middle, diaphragm/liver where the lungs end
     img = np.where(d_cavity < 0, np.where(np.abs(x) < 0.4 * cav_half_w, hu_fat + 10, hu_muscle + 5), img)
+    s.yb, s.back, s.d_body, s.fat, s.fat_t, s.wall_t, s.d_cavity = yb, back, d_body, fat, fat_t, wall_t, d_cavity
+    s.r_vert, s.y_vert, s.y_canal = r_vert, y_vert, y_canal
+    s.cav_front, s.cav_back, s.cav_half_w, s.cav_mid, s.cav_half_ap = cav_front, cav_back, cav_half_w, cav_mid, cav_half_ap
+    return img
 
+
+def _paint_bones(u, s: SimpleNamespace, img: np.ndarray) -> np.ndarray:
+    """Sternum, vertebra and ribs."""
+    x, y, z, k, half_w, half_ap, yb = s.x, s.y, s.z, s.k, s.half_w, s.half_ap, s.yb
+    d_body, fat_t, wall_t, cav_front = s.d_body, s.fat_t, s.wall_t, s.cav_front
+    r_vert, y_vert, y_canal = s.r_vert, s.y_vert, s.y_canal
+    hu_cortical, hu_marrow = s.hu.cortical, s.hu.marrow
     # sternum
     ster = _ellipse_sd(x, y, 0.0, cav_front - 5 * k, 16 * k, 6 * k)
     img = np.where(ster < 0, hu_cortical, img)
@@ -360,7 +402,14 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     cartilage = rib_zone & (np.abs(phi) < 0.3 * np.pi)
     img = np.where(rib_zone & (rib_r < 1), np.where(cartilage, 110.0, hu_cortical), img)
     img = np.where(rib_zone & ~cartilage & (rib_r < 0.4), hu_marrow, img)
+    return img
 
+
+def _paint_mediastinum(u, s: SimpleNamespace, img: np.ndarray) -> np.ndarray:
+    """Heart, great vessels, esophagus, trachea and main bronchi; records them in s for the lungs."""
+    x, y, z, k, full, cav_front, cav_half_w = s.x, s.y, s.z, s.k, s.full, s.cav_front, s.cav_half_w
+    r_vert, y_vert = s.r_vert, s.y_vert
+    hu_air, hu_fat, hu_muscle, hu_blood, hu_myocardium = s.hu.air, s.hu.fat, s.hu.muscle, s.hu.blood, s.hu.myocardium
     # heart (lower part of the volume) and great vessels (upper part)
     z_heart = u(-45, -25)
     heart_size = _smoothstep((z_heart - z) / 35.0)
@@ -402,7 +451,20 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     airway_d = np.where(z > hilum_z, airway_d, 99.0)
     img = np.where(airway_d < 2 * k, hu_muscle, img)  # wall
     img = np.where(airway_d < 0, hu_air + 10, img)
+    s.d_heart, s.d_vessels, s.airway_d = d_heart, d_vessels, airway_d
+    s.hilum = (hilum_x, hilum_y, hilum_z)
+    return img
 
+
+def _paint_lungs(rng, s: SimpleNamespace, img: np.ndarray):
+    """Lungs (cavity minus mediastinum), parenchyma, lesions, vessels and bronchi; returns (img, lung, lesion)."""
+    u = rng.uniform
+    x, y, z, k, px, pz, full, grid = s.x, s.y, s.z, s.k, s.px, s.pz, s.full, s.grid
+    cav_front, cav_back, cav_half_w, cav_mid, cav_half_ap = s.cav_front, s.cav_back, s.cav_half_w, s.cav_mid, s.cav_half_ap
+    d_cavity, d_heart, d_vessels, airway_d, r_vert, y_vert = s.d_cavity, s.d_heart, s.d_vessels, s.airway_d, s.r_vert, s.y_vert
+    (hilum_x, hilum_y, hilum_z), hu = s.hilum, s.hu
+    hu_lung_front, hu_lung_gradient, hu_ggo, hu_cons = hu.lung_front, hu.lung_gradient, hu.ggo, hu.cons
+    hu_blood, hu_muscle, hu_air = hu.blood, hu.muscle, hu.air
     # --- lungs: cavity minus mediastinum, tapered towards apex and base, irregular outline
     d_med = functools.reduce(np.minimum, [
         _ellipse_sd(x, y, 0.05 * cav_half_w, cav_mid, 0.14 * cav_half_w, 1.3 * cav_half_ap),
@@ -437,13 +499,7 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
     lung_hu = lung_hu + wall * (hu_muscle - 20 - lung_hu)
     lung_hu = lung_hu + lumen * (hu_air + 20 - lung_hu)
     img = np.where(in_lung, lung_hu, img)
-
-    image = _scan(rng, img, psf_sigma, noise_sd)
-    affine = np.diag([-sx, -sx, sz, 1.0])
-    # DICOM-like placement: world origin near the image centre; table height and couch position vary
-    affine[:3, 3] = [(nx - 1) / 2 * sx, (ny - 1) / 2 * sx + u(-20, 20), u(-350, -100)]
-    return {"image": image, "lung": lung, "lesion": lesion, "affine": affine,
-            "spacing": (float(sx), float(sx), float(sz))}
+    return img, lung, lesion
 
 
 def _draw_lesions(rng, grid: _Grid, in_lung, depth, texture, k):

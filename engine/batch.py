@@ -21,7 +21,8 @@ from base import check_disjoint, exclusive_lock
 from data.transforms import IMAGE_SUFFIXES, InputError, case_name, nifti_gz_bytes, resize_masks
 from data.labels import TASK_OUTPUTS
 from engine.predict import Predictor, main_structure
-from utils.helpers import atomic_write, mask_to_png, overlay, write_csv
+from base import atomic_write
+from utils.helpers import mask_to_png, overlay, write_csv
 from utils.volumes import volume_report
 
 MANIFEST = "infer_manifest.json"

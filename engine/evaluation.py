@@ -21,7 +21,8 @@ from data.transforms import InputError, is_nifti, read_mask, resize_images
 from engine.predict import Predictor, inference_model, main_structure, predict
 from models import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
-from utils.helpers import amp_dtype, atomic_write, plot_cases, resolve_device, write_csv
+from base import atomic_write
+from utils.helpers import amp_dtype, plot_cases, resolve_device, write_csv
 from utils.metrics import METRICS, SegmentationMeter, finite_or_none, mean_sd, threshold_averaged_dice
 from utils.volumes import dice_3d, volume_report
 

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from data.labels import TASK_CLASS_INDICES, TASK_OUTPUTS
-from data.labels import class_targets  # noqa: F401 - engine.training imports it from here; to go there
 from data.readers import Volume, read_case
 from data.transforms import InputError, load_image_slice, prepare_slices, read_image, resize_images
 from models import model_from_checkpoint

@@ -25,7 +25,8 @@ from data.dataset import PairAugment, PairFolderDataset, SliceArrayDataset, data
 from data.labels import TASK_CLASSES
 from data.split_data import kfold
 from data.transforms import make_preprocessing
-from engine.predict import class_probs, class_targets
+from data.labels import class_targets
+from engine.predict import class_probs, main_structure
 from utils import distributed
 from utils.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from utils.helpers import autocast, plot_curves, write_csv
@@ -327,7 +328,7 @@ def validate(model, loader, criterion, task: str, device, dtype, threshold: floa
     per = {name: [int(v) for v in summed[2 + 4 * i: 6 + 4 * i]] for i, name in enumerate(names)}
     pooled = {name: metrics_from_counts(*c) for name, c in per.items()}
     present = [pooled[name]["dice"] for name, c in per.items() if c[0] + c[2] > 0]  # tp + fn: in the truth
-    main = "lesion" if "lesion" in pooled else "lung"
+    main = main_structure(task)
     result = {"loss": loss, "dice": pooled[main]["dice"], "iou": pooled[main]["iou"],
               "score": float(np.mean(present)) if present else -loss}
     if len(pooled) > 1:

@@ -40,7 +40,7 @@ def ct(processed) -> np.ndarray:
     """The test slice with the most lesion, as 8-bit grey values (64, 64)."""
     rows = slice_rows(processed, "test")
     lesion = np.load(processed / "lesion_masks.npy")
-    row = max(rows, key=lambda r: int(lesion[r].sum()))
+    row = max(rows, key=lambda r: int((lesion[r] > 0).sum()))
     return (np.load(processed / "images.npy")[row] * 255).round().astype(np.uint8)
 
 

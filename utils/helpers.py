@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from base import InputError, atomic_write, replace_dir, temp_path  # noqa: F401 (re-exported)
+from base import InputError, atomic_write
 
 
 # ----------------------------------------------------------------------------- device and precision
