@@ -40,6 +40,23 @@ def atomic_write(path: str | Path):
             tmp.unlink()
 
 
+def partial_dir(out: str | Path, flag: str = "--out") -> tuple[Path, Path]:
+    """An empty hidden folder beside ``out`` to build an output in, then swap in with :func:`replace_dir`.
+
+    Returns (``out`` resolved, the temporary folder). Raises InputError naming ``out`` when the folder
+    cannot be created there (a path below a file, a read-only parent).
+    """
+    final = Path(out).resolve()  # a name to build beside, also for "." or a path ending in ".."
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the output folder there ({e.strerror}); choose another {flag}") from None
+    return final, tmp
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Swap a finished temporary folder into place at ``out``, so ``out`` is never seen half-written."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from base import InputError, check_disjoint, check_replaceable_dir, replace_dir
+from base import check_disjoint, check_replaceable_dir, partial_dir, replace_dir
 from data.labels import LESION_LABEL_NAMES, label_map
 from data.readers import Case, find_cases, read_case
 from data.transforms import DEFAULT_WINDOW, NORMS, make_preprocessing, prepare_slices, resize_masks
@@ -93,15 +93,7 @@ def preprocess(src: str | Path, out: str | Path, size: int = 256, norm: str = "w
     counts = [read_case(c.image, c.lung, c.lesion, voxels=False).n_slices for c in cases]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     total = int(starts[-1])
-    final = Path(out).resolve()  # a name to build beside, also for "." or a path ending in ".."
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        msg = f"{out}: cannot create the output folder there ({e.strerror}); choose another --out"
-        raise InputError(msg) from None
+    final, tmp = partial_dir(out)
     try:
         S = prep["size"]
         np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float32, (total, S, S)).flush()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from data.dataset import find_pair_dirs, pair_files
 from data.transforms import InputError
-from base import atomic_write, check_disjoint, check_replaceable_dir, replace_dir
+from base import atomic_write, check_disjoint, check_replaceable_dir, partial_dir, replace_dir
 
 PAIR_SPLIT_MARKER = "split.json"  # what split_pair_folder leaves in DEST; a rerun may replace such a folder
 
@@ -151,19 +150,17 @@ def split_pair_folder(src: str | Path, dest: str | Path, val: float = 0.15, seed
     dest = Path(dest)
     names = {part: [img.name for img, _ in items] for part, items in parts.items()}
     # build the split aside and swap it in: a re-split never leaves an earlier split's files behind
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    final, tmp = partial_dir(dest)
     try:
         for part, items in parts.items():
             for kind in ("images", "masks"):
-                (tmp / f"{part}_{kind}").mkdir(parents=True)
+                (tmp / f"{part}_{kind}").mkdir()
             for img, mask in items:
                 shutil.copy2(img, tmp / f"{part}_images" / img.name)
                 shutil.copy2(mask, tmp / f"{part}_masks" / f"{img.stem}{mask.suffix}")
         write_json(tmp / PAIR_SPLIT_MARKER, {"written_by": "data.split_data", "source": str(src), "seed": seed,
                                              "val_fraction": val, **names})
-        replace_dir(tmp, dest)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return names

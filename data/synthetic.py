@@ -24,7 +24,6 @@ The same seed gives byte-identical files, and patient i depends only on (seed, i
 """
 import argparse
 import functools
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.transforms import nifti_gz_bytes
-from base import InputError, check_replaceable_dir, replace_dir
+from base import InputError, check_replaceable_dir, partial_dir, replace_dir
 
 DEFAULT_OUT = "data/synthetic"  # where `python -m data.synthetic` writes; data/preprocess.py reads it
 DEFAULT_PATIENTS = 12
@@ -656,15 +655,7 @@ def generate_dataset(out_dir, patients: int, seed: int, shape: tuple | None = No
     shape = _check_shape(shape)
     out = Path(out_dir)
     check_replaceable_dir(out, written_by_synthetic, overwrite, "--out", "data.synthetic")
-    final = out.resolve()  # a name to build beside, also for "." or a path ending in ".."
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        msg = f"{out}: cannot create the output folder there ({e.strerror}); choose another --out"
-        raise InputError(msg) from None
+    final, tmp = partial_dir(out)
     digits = max(3, len(str(patients - 1)))
     names = [f"phantom_{i:0{digits}d}.nii.gz" for i in range(patients)]
     try:
