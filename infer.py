@@ -1,17 +1,22 @@
-"""Predict lesion masks for new CT: a PNG/JPG slice, a folder of slices, or a NIfTI volume.
+"""Predict lesion masks for new CT: a PNG/JPG slice, a folder of slices, a NIfTI volume or a DICOM series.
 
     python infer.py --input slice.png                          # -> prediction_mask.png (+ _overlay.png)
     python infer.py --input slices/ --output masks/            # -> masks/<name>.png, masks/overlays/<name>.png
     python infer.py --input scan.nii.gz --output results/      # -> results/<case>_lesion.nii.gz, _lung.nii.gz,
                                                                #    _report.json (mL, infection %), _montage.png
+    python infer.py --input dicom_folder/ --output results/    # a DICOM series (folder or .zip) -> the same,
+                                                               #    named after the folder, in its geometry
 
 Masks are white (255) where the model sees infection, at the input's own size. A NIfTI mask has exactly
-the input's shape, affine and orientation, so it opens over the scan in 3D Slicer or ITK-SNAP. The input
+the input's shape, affine and orientation, so it opens over the scan in 3D Slicer or ITK-SNAP; for a DICOM
+series (a folder searched recursively, or a .zip; --series UID picks one of several) the mask has the
+series' geometry, its voxel i along the DICOM rows, j down the columns, k along the slice normal. The input
 is preprocessed from the checkpoint's record, by the same functions training used. Image files carry no
 HU: for a checkpoint trained with an HU window, 8-bit images are read as slices already shown in that
 window (as data.export_png writes them) and 16-bit or float images are refused.
 
-Folders run as a batch, as nnU-Net's and TotalSegmentator's predictors do: after each case the output
+A folder of NIfTI files or DICOM zips runs as a batch (a folder with no such files but DICOM files under
+it is one scan). Folders run as a batch, as nnU-Net's and TotalSegmentator's predictors do: after each case the output
 folder's infer_manifest.json (and report.csv) lists it as done or failed. A case that cannot be read is
 reported and the others go on; the run ends with one line naming each failed file, and exit code 1. A
 rerun (after Ctrl-C, or after fixing a bad file) skips the cases already done with the same checkpoints and
@@ -27,22 +32,39 @@ import argparse
 from pathlib import Path
 
 from base import check_disjoint
-from data.transforms import IMAGE_SUFFIXES, InputError, image_files_note, is_nifti
+from data.readers import reader_for
+from data.transforms import IMAGE_SUFFIXES, InputError, image_files_note
 from engine.batch import image_files, infer_image, infer_image_folder, infer_volumes
 from engine.predict import Predictor
 from utils.cli import add_runtime_args
 
 
+def volume_inputs(src: Path) -> list[Path]:
+    """The volumes an --input names: itself (a NIfTI file, a DICOM zip or folder), or the NIfTI files and
+    DICOM zips in a folder. A folder of image slices is not searched for DICOM files."""
+    if src.is_file():
+        return [src] if reader_for(src) else []
+    if not src.is_dir():
+        return []
+    volumes = sorted(p for p in src.iterdir() if p.is_file() and reader_for(p))
+    if volumes or any(p.suffix.lower() in IMAGE_SUFFIXES for p in src.iterdir()):
+        return volumes
+    return [src] if reader_for(src) else []
+
+
 def infer(checkpoint, input: str | Path, output: str | Path | None = None, threshold: float = 0.5,
           device: str = "auto", amp: str = "auto", batch_size: int = 8, progress: bool = True,
-          save_probs: str | Path | None = None, tta: bool | None = None, overwrite: bool = False) -> list[Path]:
-    """Predict masks for an image, a folder of images, a NIfTI volume or a folder of volumes.
+          save_probs: str | Path | None = None, tta: bool | None = None, overwrite: bool = False,
+          series: str | None = None, lungs: str = "auto") -> list[Path]:
+    """Predict masks for an image, a folder of images, a NIfTI volume, a DICOM series or a folder of volumes.
 
     Args:
         checkpoint: one checkpoint path or a list of them (their probabilities are averaged).
         save_probs: for 2D images, also write 8-bit probability maps (0-255) named like the masks here.
         tta: flip test-time augmentation; None: as the checkpoint's training run asked (train.py --tta).
         overwrite: replace existing files infer.py did not write, and redo cases already done.
+        series: the SeriesInstanceUID to read from a DICOM input holding several series.
+        lungs: volumes' lung mask: "auto" (the model's lung head, else from HU), "model" or "hu".
     Returns the written mask paths (for a folder: of every done case, skipped ones included).
     """
     src = Path(input)
@@ -50,9 +72,12 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
         raise InputError(f"{src}: input not found")
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"--threshold must be in [0, 1], got {threshold}")
-    volumes = [src] if is_nifti(src) else (sorted(p for p in src.iterdir() if is_nifti(p)) if src.is_dir() else [])
+    volumes = volume_inputs(src)
     if src.is_file() and not volumes and src.suffix.lower() not in IMAGE_SUFFIXES:
-        raise InputError(f"{src}: not an image ({'/'.join(IMAGE_SUFFIXES)}) or NIfTI (.nii, .nii.gz) file")
+        raise InputError(f"{src}: not an image ({'/'.join(IMAGE_SUFFIXES)}), NIfTI (.nii, .nii.gz) or DICOM "
+                         f"(.zip, or a folder) input")
+    if series is not None and not volumes:
+        raise InputError(f"{src}: --series applies to DICOM input (a folder or a .zip of DICOM files) only")
     if save_probs:
         check_disjoint(save_probs, [src], "--save-probs")
     if volumes or src.is_dir():
@@ -63,7 +88,8 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
         paths = [] if volumes else image_files(src)
     predictor = Predictor(checkpoint, device, amp, batch_size, tta)
     if volumes:
-        return infer_volumes(predictor, volumes, out, threshold, checkpoint, progress, overwrite, src.is_dir())
+        batch = src.is_dir() and volumes != [src]  # a DICOM folder is one scan
+        return infer_volumes(predictor, volumes, out, threshold, checkpoint, progress, overwrite, batch, series, lungs)
     note = image_files_note(predictor.prep)
     if note:
         print(note)
@@ -76,7 +102,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", default=["checkpoints/best_model.pth"],
                    help="one checkpoint, or several whose probabilities are averaged (e.g. fold models)")
-    p.add_argument("--input", required=True, help="PNG/JPG slice, folder of slices, NIfTI volume or folder of volumes")
+    p.add_argument("--input", required=True,
+                   help="PNG/JPG slice, folder of slices, NIfTI volume, DICOM series (folder or .zip) or folder of volumes")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="DICOM input holding several CT series: the SeriesInstanceUID to read (they are listed)")
+    p.add_argument("--lungs", choices=("auto", "model", "hu"), default="auto",
+                   help="volumes' lung mask: the model's lung head (model), extracted from HU without training "
+                        "(hu), or the model's when it has one, else HU (auto)")
     p.add_argument("--output", default=None,
                    help="mask file for one slice (default prediction_mask.png), else a folder (default predictions/)")
     p.add_argument("--threshold", type=float, default=0.5)
@@ -92,7 +124,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[Path]:
     return infer(args.checkpoint, args.input, args.output, args.threshold, args.device, args.amp,
-                 args.batch_size, args.progress, args.save_probs, args.tta, args.overwrite)
+                 args.batch_size, args.progress, args.save_probs, args.tta, args.overwrite, args.series, args.lungs)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ API (stable; preprocessing, prediction and evaluation all call it):
     find_cases(src) -> list[Case]
         Every volume under ``src`` in every known layout (FOLDER_LAYOUTS, MEDSEG_TR, or bare files), each
         image paired with its masks by file name. ``Case(name, layout, image, lung=None, lesion=None)``.
-    read_case(image, lung=None, lesion=None, prep=None, voxels=True) -> Volume
+    read_case(image, lung=None, lesion=None, prep=None, voxels=True, series=None) -> Volume
         One image and its optional masks, with every check preprocessing has: a readable 3D file of bounded
         size with a usable affine, finite voxels, masks on the image's voxel grid (shape, orientation,
         affine) holding whole labels 0..255, and the 8-bit-not-HU warning when ``prep`` windows in HU.
         ``voxels=False`` checks the headers only (cheap: run it on every case before any work).
+        ``image`` may be a DICOM series (a folder or a .zip, data.dicom; ``series`` picks one of several).
         Raises InputError naming the file and the problem.
     Volume
         image        float32 (Z, H, W) HU slices in display orientation (data.transforms.to_axial_slices),
@@ -21,8 +22,8 @@ API (stable; preprocessing, prediction and evaluation all call it):
                      spacing (mm), voxel_ml, n_slices
     Volume.to_file_order(slices) -> the file's own voxel order and shape (to write a predicted mask back).
 
-A new input format (a DICOM series is next) is one reader function added to READERS: it takes the same
-arguments as read_case and returns a Volume.
+A new input format is one reader function added to READERS: it takes the same arguments as read_case
+and returns a Volume. DICOM series (read_dicom_case) are the one format that is a folder as well as a file.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from base import InputError
+from data.dicom import is_dicom_input, read_dicom_series
 from data.transforms import (NIFTI_SUFFIXES, case_name, check_mask_header, from_axial_slices, load_nifti,
                              read_mask_volume, read_volume_data, to_axial_slices, voxel_spacing, warn_if_not_ct)
 from utils.volumes import voxel_volume_ml
@@ -114,24 +116,52 @@ def read_nifti_case(image: Path, lung: Path | None = None, lesion: Path | None =
     return vol
 
 
-READERS: dict[tuple[str, ...], Callable[..., Volume]] = {NIFTI_SUFFIXES: read_nifti_case}
+def read_dicom_case(image: Path, lung: Path | None = None, lesion: Path | None = None, prep: dict | None = None,
+                    voxels: bool = True, series: str | None = None) -> Volume:
+    """read_case for a DICOM series: a folder (searched recursively) or a .zip; masks are NIfTI on its grid.
+
+    The series is read as a float32 HU image in memory (voxels=False reads it too: the geometry comes from
+    SimpleITK's reading), so masks are written back in the series' exact geometry.
+    """
+    img = read_dicom_series(image, series)
+    vol = Volume(Path(image), img, tuple(int(s) for s in img.shape))
+    data = read_volume_data(img, image, "image")
+    if prep is not None:
+        warn_if_not_ct(img, data, image, prep)
+    if voxels:
+        vol.image = to_axial_slices(data, img.affine)
+    for kind, path in zip(MASK_KINDS, (lung, lesion)):
+        if path is not None and voxels:
+            vol.masks[kind], vol.label_values[kind] = read_mask_volume(path, img, f"{kind} mask")
+        elif path is not None:
+            check_mask_header(load_nifti(path, f"{kind} mask"), img, path, f"{kind} mask")
+    return vol
+
+
+DICOM_SUFFIXES = (".zip",)  # a zip of DICOM files; a folder of them is recognised by its content
+READERS: dict[tuple[str, ...], Callable[..., Volume]] = {NIFTI_SUFFIXES: read_nifti_case,
+                                                         DICOM_SUFFIXES: read_dicom_case}
 
 
 def reader_for(path: str | Path) -> Callable[..., Volume] | None:
-    """The reader of a file by its name's suffix, or None for a format no reader takes."""
+    """The reader of a file by its name's suffix (a folder of DICOM files: the DICOM reader), or None."""
+    if Path(path).is_dir():
+        return read_dicom_case if is_dicom_input(path) else None
     name = str(path).lower()
     return next((read for suffixes, read in READERS.items() if name.endswith(suffixes)), None)
 
 
 def read_case(image: str | Path, lung: str | Path | None = None, lesion: str | Path | None = None,
-              prep: dict | None = None, voxels: bool = True) -> Volume:
+              prep: dict | None = None, voxels: bool = True, series: str | None = None) -> Volume:
     """Read an image volume and its optional lung and lesion masks through the reader of its format.
 
     Args:
-        image, lung, lesion: file paths; masks must lie on the image's voxel grid.
+        image, lung, lesion: file paths (image may be a DICOM folder or .zip); masks must lie on the
+            image's voxel grid.
         prep: the preprocessing record (data.transforms.make_preprocessing); given, an HU-windowed
             preprocessing warns about 8-bit (not HU) data.
         voxels: False checks the headers only and returns a Volume without image or masks.
+        series: the SeriesInstanceUID to read from a DICOM input holding several series.
     Shape:
         image float32 (Z, H, W), masks uint8 (Z, H, W) in display orientation (Z inferior to superior).
     Returns:
@@ -140,9 +170,14 @@ def read_case(image: str | Path, lung: str | Path | None = None, lesion: str | P
     read = reader_for(image)
     if read is None:
         suffixes = [s for group in READERS for s in group]
-        raise InputError(f"{image}: not a volume format this project reads (expected one of {suffixes})")
+        raise InputError(f"{image}: not a volume format this project reads (expected one of {suffixes}, "
+                         f"or a folder of DICOM files)")
     paths = [Path(p) if p is not None else None for p in (image, lung, lesion)]
-    return read(*paths, prep=prep, voxels=voxels)
+    if series is None:
+        return read(*paths, prep=prep, voxels=voxels)
+    if read is not read_dicom_case:
+        raise InputError(f"{image}: --series applies to DICOM input (a folder or a .zip of DICOM files) only")
+    return read(*paths, prep=prep, voxels=voxels, series=series)
 
 
 # ----------------------------------------------------------------------------- finding cases
@@ -194,8 +229,11 @@ def find_cases(src: str | Path) -> list[Case]:
         cases.append(Case("tr_im", "medseg_tr", tr_img, tr_lung if tr_lung.is_file() else None, tr_lesion))
     if not cases:  # volume files directly in src: images without masks
         cases = [Case(case_name(p), "images_only", p) for p in _volume_files(src) if p.name not in MEDSEG_TR]
+    if not cases and is_dicom_input(src):  # a folder of DICOM files is one scan, named after the folder
+        cases = [Case(src.name, "images_only", src)]
     if not cases:
-        raise InputError(f"{src}: no NIfTI volumes found (expected images/*.nii.gz, another known layout, "
-                         f"or .nii/.nii.gz files; run `python -m data.synthetic --out {src}` for phantoms)")
+        raise InputError(f"{src}: no NIfTI volumes or DICOM files found (expected images/*.nii.gz, another known "
+                         f"layout, .nii/.nii.gz/.zip files, or a folder of DICOM files; run "
+                         f"`python -m data.synthetic --out {src}` for phantoms)")
     _check_cases(src, cases)
     return cases

@@ -20,12 +20,15 @@ from tqdm import tqdm
 from base import check_disjoint, exclusive_lock
 from data.transforms import IMAGE_SUFFIXES, InputError, case_name, nifti_gz_bytes, resize_masks
 from data.labels import TASK_OUTPUTS
+from data.readers import read_case
 from engine.predict import Predictor, main_structure
 from base import atomic_write
 from utils.helpers import mask_to_png, overlay, write_csv
+from utils.lungs import extract_lungs
 from utils.volumes import volume_report
 
 MANIFEST = "infer_manifest.json"
+LUNG_SOURCES = ("auto", "model", "hu")  # infer.py --lungs
 PNG_MARK = "infer.py lesion segmentation"  # "Software" text chunk of every PNG infer.py writes
 
 
@@ -181,19 +184,39 @@ def _interrupted(folder: OutputFolder, keys: list[str]) -> KeyboardInterrupt:
 
 
 # ----------------------------------------------------------------------------- volumes
-def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, threshold: float, checkpoint) -> dict:
-    """Predict one volume and write its masks, report and montage into ``out``; returns the report."""
-    volume, images, masks = predictor.predict_volume(vol, threshold)
+def lung_source(task: str, lungs: str = "auto") -> str:
+    """Where the lung mask of a volume comes from: "model" (the checkpoint's lung head) or "hu".
+
+    Args:
+        lungs: "auto" (the model's lung head when it has one, else HU), "model" or "hu" (utils.lungs).
+    """
+    if lungs not in LUNG_SOURCES:
+        raise InputError(f"--lungs must be one of {', '.join(LUNG_SOURCES)}, got {lungs!r}")
+    has_head = "lung" in TASK_OUTPUTS[task]
+    if lungs == "model" and not has_head:
+        raise InputError(f"--lungs model: this checkpoint (task {task!r}) has no lung head; use --lungs auto or hu")
+    return "model" if has_head and lungs != "hu" else "hu"
+
+
+def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, threshold: float, checkpoint,
+                     series: str | None = None, lungs: str = "auto") -> dict:
+    """Predict one volume and write its masks, report and montage into ``out``; returns the report.
+
+    The lung mask is the model's or, per :func:`lung_source`, extracted from HU (utils.lungs, the predicted
+    lesions added); the report says which ("lung_source").
+    """
+    volume, images, masks = predictor.predict_volume(read_case(vol, prep=predictor.prep, series=series), threshold)
+    source = lung_source(predictor.task, lungs)
+    if source == "hu":
+        masks["lung"] = extract_lungs(volume.image, lesion=masks.get("lesion"))
     out.mkdir(parents=True, exist_ok=True)
     for name, mask in masks.items():  # the mask keeps the file's own shape, (X, Y, Z) or (X, Y, Z, 1)
         save_nifti_mask(volume.to_file_order(mask), volume.img, out / f"{case}_{name}.nii.gz")
     report = {"case": case, "file": str(vol), "threshold": threshold,
               "checkpoint": [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else str(checkpoint),
               "shape": list(volume.file_shape), "spacing_mm": volume.spacing,
-              **volume_report(masks.get("lesion"), masks.get("lung"), volume.voxel_ml)}
-    if "lung" not in masks:
-        report["note"] = ("this checkpoint segments lesions only: the infection percentage needs a lung "
-                          "model (train one with --task lung+lesion)")
+              "lung_source": source,
+              **volume_report(masks.get("lesion"), masks.get("lung"), volume.voxel_ml, hu=volume.image)}
     with atomic_write(out / f"{case}_report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     save_marked_png(montage(images, masks), out / f"{case}_montage.png")
@@ -206,23 +229,28 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
 
 def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshold: float,
                   checkpoint: str | Path, progress: bool = True, overwrite: bool = False,
-                  batch: bool | None = None) -> list[Path]:
+                  batch: bool | None = None, series: str | None = None, lungs: str = "auto") -> list[Path]:
     """Masks, a report and a montage per volume; for a batch also OUT/report.csv.
 
     Writes OUT/<case>_lesion.nii.gz and/or OUT/<case>_lung.nii.gz (uint8, the scan's own shape, affine and
     orientation), OUT/<case>_report.json and OUT/<case>_montage.png, and OUT/infer_manifest.json. In a
     ``batch`` (default: several volumes) a volume that cannot be read is reported and the others go on;
-    cases already done are skipped (see :class:`OutputFolder`). Returns the mask paths of the done cases.
+    cases already done are skipped (see :class:`OutputFolder`). A volume is a NIfTI file or a DICOM series (a
+    folder or a .zip; ``series`` picks one of several). ``lungs``: see :func:`lung_source`; a lung mask is
+    written for every volume, from HU where the checkpoint has no lung head. Returns the mask paths of the
+    done cases.
     """
     batch = len(volumes) > 1 if batch is None else batch
-    cases = [case_name(v) for v in volumes]
+    cases = [v.name if v.is_dir() else case_name(v) for v in volumes]  # a DICOM folder: the folder's name
     clash = sorted({c for c in cases if cases.count(c) > 1})
     if clash:  # a.nii and a.nii.gz would write each other's masks
         raise InputError(f"{volumes[0].parent}: several volumes share the case name {clash[0]!r}; rename or move one")
-    names = TASK_OUTPUTS[predictor.task]
+    names = tuple(dict.fromkeys(TASK_OUTPUTS[predictor.task] + ("lung",)))  # lungs from HU without a lung head
+    lung_source(predictor.task, lungs)  # a bad --lungs fails before anything is written
     outputs = {c: [out / f"{c}_{n}.nii.gz" for n in names] + [out / f"{c}_report.json", out / f"{c}_montage.png"]
                for c in cases}
-    folder = OutputFolder(out, run_settings(checkpoint, predictor, threshold), overwrite, table=batch)
+    folder = OutputFolder(out, {**run_settings(checkpoint, predictor, threshold), "lungs": lungs}, overwrite,
+                          table=batch)
     todo = [(c, v) for c, v in zip(cases, volumes) if not folder.done(v.name, v)]
     folder.check([p for c, _ in todo for p in outputs[c]])
     if len(todo) < len(volumes):
@@ -236,7 +264,7 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
                 folder.save()  # from the start, the folder says it is incomplete
             for case, vol in tqdm(todo, desc="volumes", disable=True if (not progress or len(todo) <= 1) else None):
                 try:
-                    report = infer_one_volume(predictor, vol, case, out, threshold, checkpoint)
+                    report = infer_one_volume(predictor, vol, case, out, threshold, checkpoint, series, lungs)
                 except InputError as e:
                     if not batch:
                         raise

@@ -16,7 +16,7 @@ from tqdm import tqdm
 import data.transforms as transforms
 from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
 from data.labels import TASK_OUTPUTS, class_targets
-from data.readers import find_cases, read_case
+from data.readers import find_cases, read_case, reader_for
 from data.transforms import InputError, is_nifti, read_mask, resize_images
 from engine.predict import Predictor, inference_model, main_structure, predict
 from models import model_from_checkpoint
@@ -314,10 +314,10 @@ def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path |
 
 
 def is_volume_folder(data: str | Path) -> bool:
-    """True for a NIfTI file or a folder of volumes (not a preprocessed folder or a folder of pairs)."""
+    """True for a volume file, a folder of volumes or a DICOM folder (not a preprocessed folder or pairs)."""
     data = Path(data)
-    if is_nifti(data):
+    if is_nifti(data) or (data.is_file() and reader_for(data)):  # NIfTI, or a zip of DICOM files
         return True
     if not data.is_dir() or (data / "images.npy").is_file() or find_pair_dirs(data, "train") or find_pair_dirs(data, "test"):
         return False
-    return any(is_nifti(p) for p in data.rglob("*.nii*"))
+    return any(is_nifti(p) for p in data.rglob("*.nii*")) or reader_for(data) is not None

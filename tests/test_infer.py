@@ -153,8 +153,10 @@ def test_nifti_volume_gives_a_mask_with_its_shape_and_affine(checkpoint, phantom
     case = json.loads((processed / "splits.json").read_text())["test"][0]
     src = phantoms / "images" / f"{case}.nii.gz"
     written = run_infer(checkpoint, src, tmp_path / "out")
-    assert written == [tmp_path / "out" / f"{case}_lesion.nii.gz"]
+    # a lesion-only checkpoint: the lungs come from the scan's HU (utils/lungs.py)
+    assert sorted(written) == [tmp_path / "out" / f"{case}_{name}.nii.gz" for name in ("lesion", "lung")]
     ref, mask = nib.load(src), nib.load(written[0])
+    assert nib.load(written[1]).shape == ref.shape
     assert mask.shape == ref.shape
     np.testing.assert_allclose(mask.affine, ref.affine, atol=1e-6)
     assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(ref.affine)
@@ -167,8 +169,8 @@ def test_nifti_volume_with_a_trailing_singleton_axis_keeps_its_shape(checkpoint,
     # (X, Y, Z, 1) files are accepted as volumes; the mask must still have "exactly the input's shape"
     ref = nib.load(phantoms / "images" / "phantom_000.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(ref.dataobj)[..., None], ref.affine), tmp_path / "scan.nii.gz")
-    (path,) = run_infer(checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out")
-    assert nib.load(path).shape == (*ref.shape, 1)
+    paths = run_infer(checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out")
+    assert len(paths) == 2 and all(nib.load(path).shape == (*ref.shape, 1) for path in paths)
 
 
 def test_nifti_masks_follow_the_voxel_order_of_the_file(checkpoint, phantoms, processed, tmp_path):
@@ -193,8 +195,9 @@ def test_nifti_masks_follow_the_voxel_order_of_the_file(checkpoint, phantoms, pr
     for name, (arr, aff) in volumes.items():
         img = nib.Nifti1Image(arr, aff)
         nib.save(img, tmp_path / f"{name}.nii.gz")
-        (path,) = run_infer(checkpoint, tmp_path / f"{name}.nii.gz", tmp_path / "out", amp="off",
-                            threshold=threshold)
+        path = tmp_path / "out" / f"{name}_lesion.nii.gz"
+        assert path in run_infer(checkpoint, tmp_path / f"{name}.nii.gz", tmp_path / "out", amp="off",
+                                 threshold=threshold)
         out = nib.load(path)
         assert out.shape == arr.shape and np.allclose(out.affine, aff, atol=1e-5), name
         masks[name] = np.asarray(out.dataobj)

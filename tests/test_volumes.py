@@ -15,7 +15,7 @@ import evaluate
 import infer
 from data.transforms import to_axial_slices
 from tests.script_fixtures import SIZE, phantoms, processed, run_script, run_train, train_argv, trained  # noqa: F401
-from utils.volumes import dice_3d, split_lungs, volume_report, voxel_volume_ml
+from utils.volumes import dice_3d, split_lungs, volume_report, voxel_volume_ml, zone_of_slices
 
 REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct" / "abdomen_ct_small.nii.gz"
 # A briefly trained lung+lesion model (40 epochs on 16 slices at 64x64), scored on a phantom it trained on:
@@ -51,6 +51,37 @@ def test_report_volumes_and_percentages_by_hand():
     assert r["slices_with_lesion"] == 2 and r["n_slices"] == 2
 
 
+def test_zones_are_thirds_of_each_lungs_own_height():
+    lung = np.zeros((8, 2, 2), bool)
+    lung[1:7] = True  # 6 slices: 2 lower, 2 middle, 2 upper
+    assert zone_of_slices(lung).tolist() == [-1, 0, 0, 1, 1, 2, 2, -1]
+    lung[6] = False  # 5 slices: 3 * i // 5 = 0, 0, 1, 1, 2
+    assert zone_of_slices(lung).tolist() == [-1, 0, 0, 1, 1, 2, -1, -1]
+
+
+def test_report_per_zone_and_high_opacity_by_hand():
+    # right lung (label 2, low columns) on slices 0-5, left lung (label 1) on slices 3-5 only: each lung's
+    # zones are thirds of its own height (right: 2 slices each; left: 1 slice each)
+    lung = np.zeros((6, 2, 4), np.uint8)
+    lung[:, :, 0:2] = 2
+    lung[3:, :, 2:4] = 1
+    lesion = np.zeros_like(lung)
+    lesion[0, 0, 0] = 1         # right, lower zone, -100 HU: high opacity
+    lesion[5, :, 2:4] = 1       # left, upper zone (its whole slice), -700 HU: ground glass
+    hu = np.full(lung.shape, -850.0)
+    hu[0, 0, 0], hu[5] = -100.0, -700.0
+    r = volume_report(lesion, lung, 1.0, hu=hu)
+    assert r["lung_ml_right_lower"] == 8 and r["lesion_ml_right_lower"] == 1
+    assert r["infection_percent_right_lower"] == pytest.approx(100 / 8)
+    assert r["infection_percent_right_middle"] == 0 and r["infection_percent_right_upper"] == 0
+    assert r["lung_ml_left_upper"] == 4 and r["infection_percent_left_upper"] == pytest.approx(100.0)
+    assert r["infection_percent_left_lower"] == 0
+    assert r["high_opacity_percent_right"] == pytest.approx(100 / 24)
+    assert r["high_opacity_percent_left"] == 0
+    assert r["high_opacity_percent"] == pytest.approx(100 / 36)
+    assert "high_opacity_percent" not in volume_report(lesion, lung, 1.0)  # needs the HU
+
+
 def test_binary_lungs_are_split_at_the_mediastinum():
     lung = np.zeros((3, 10, 40), bool)
     lung[:, 2:8, 2:20] = True   # a big right lung (image left)
@@ -83,8 +114,10 @@ def test_lesion_model_writes_mask_report_and_montage(trained, phantoms, tmp_path
     assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine)
     voxel_ml = float(np.prod(ref.header.get_zooms())) / 1000
     assert report["lesion_ml"] == pytest.approx(np.asarray(mask.dataobj).sum() * voxel_ml, abs=1e-3)
-    assert report["infection_percent"] is None and "lung model" in report["note"]
-    assert not (tmp_path / "phantom_000_lung.nii.gz").exists()
+    # without a lung head, the lungs come from HU (utils.lungs) and the report has the infection percentages
+    assert report["lung_source"] == "hu" and 0 <= report["infection_percent"] <= 100
+    lung = nib.load(tmp_path / "phantom_000_lung.nii.gz")
+    assert lung.shape == ref.shape and set(np.unique(np.asarray(lung.dataobj))) <= {0, 1, 2}
     assert (tmp_path / "phantom_000_montage.png").stat().st_size > 0
 
 

@@ -9,6 +9,8 @@ import numpy as np
 
 # The mediastinum is looked for in the middle part of the lungs' left-right extent only.
 MIDLINE_SEARCH = (0.3, 0.7)
+ZONES = ("lower", "middle", "upper")  # thirds of each lung's own height, in display z order (inferior first)
+HIGH_OPACITY_HU = -200  # lesion voxels at or above this are "high opacity" (consolidation-like density)
 
 
 def split_lungs(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,17 +50,66 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
-def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: float) -> dict:
-    """Lesion and lung volumes and infection percentages of one CT.
+def zone_of_slices(lung: np.ndarray) -> np.ndarray:
+    """Zone of each slice of one lung: 0 lower, 1 middle, 2 upper third of the lung's own height.
+
+    Slice i of the n slices from the lung's lowest to its highest (display z grows inferior -> superior)
+    is in zone min(2, 3 * i // n); slices outside the lung get -1.
+
+    Shape: (Z, H, W) binary mask -> (Z,) int.
+    """
+    zones = np.full(len(lung), -1)
+    z = np.flatnonzero(np.asarray(lung).any(axis=(1, 2)))
+    if len(z):
+        n = z[-1] - z[0] + 1
+        zones[z[0]:z[-1] + 1] = np.minimum(2, 3 * np.arange(n) // n)
+    return zones
+
+
+def severity_report(lesion: np.ndarray, right: np.ndarray, left: np.ndarray, voxel_ml: float,
+                    hu: np.ndarray | None = None) -> dict:
+    """Severity per lung and zone, as the field reports it (percentage of opacity and of high opacity).
+
+    Args:
+        lesion, right, left: binary (Z, H, W) masks in display orientation.
+        voxel_ml: volume of one voxel in mL.
+        hu: the scan's (Z, H, W) HU slices, for the high-opacity percentage; None leaves it out.
+    Returns:
+        flat dict: for side in left/right and zone in upper/middle/lower, lesion_ml_<side>_<zone>,
+        lung_ml_<side>_<zone> and infection_percent_<side>_<zone> (lesion inside that part of the lung /
+        its volume; None for an empty part); with ``hu``, high_opacity_percent(_left/_right): lesion voxels
+        at or above HIGH_OPACITY_HU inside the lung(s) / lung volume.
+    """
+    out = {}
+    for side, lung in (("left", left), ("right", right)):
+        zones = zone_of_slices(lung)
+        for zone, name in enumerate(ZONES):
+            part = lung & (zones == zone)[:, None, None]
+            n, hit = int(part.sum()), int((lesion & part).sum())
+            out.update({f"lesion_ml_{side}_{name}": hit * voxel_ml, f"lung_ml_{side}_{name}": n * voxel_ml,
+                        f"infection_percent_{side}_{name}": _percent(hit, n)})
+    if hu is not None:
+        dense = lesion & (np.asarray(hu) >= HIGH_OPACITY_HU)
+        for key, lung in (("high_opacity_percent", right | left), ("high_opacity_percent_left", left),
+                          ("high_opacity_percent_right", right)):
+            out[key] = _percent(int((dense & lung).sum()), int(lung.sum()))
+    return out
+
+
+def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: float,
+                  hu: np.ndarray | None = None) -> dict:
+    """Lesion and lung volumes and infection percentages of one CT, per lung and per zone.
 
     Args:
         lesion: binary lesion mask (Z, H, W), or None without a lesion model.
         lung: binary lung mask or 1-left/2-right label map (Z, H, W), or None without a lung model.
         voxel_ml: volume of one voxel in mL, from :func:`voxel_volume_ml` of the scan's affine.
+        hu: optional (Z, H, W) HU slices of the scan, for the high-opacity percentages.
     Returns:
         dict with voxel_ml, lesion_ml, lung_ml, lung_left_ml, lung_right_ml, infection_percent (lesion inside
         the lungs / lung volume), infection_percent_left / _right, slices_with_lesion, n_slices; lung
-        figures are None without a lung mask.
+        figures are None without a lung mask. With both masks also the per-zone and high-opacity figures of
+        :func:`severity_report`.
     """
     voxel_ml = float(voxel_ml)
     report = {"voxel_ml": voxel_ml, "n_slices": int((lesion if lesion is not None else lung).shape[0]),
@@ -81,6 +132,7 @@ def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: 
                   infection_percent=_percent(hit["lung"], n["lung"]),
                   infection_percent_left=_percent(hit["left"], n["left"]),
                   infection_percent_right=_percent(hit["right"], n["right"]))
+    report.update(severity_report(lesion, right, left, voxel_ml, hu))
     return report
 
 

@@ -1,0 +1,261 @@
+"""Lungs from HU without training: a classical extraction for checkpoints that have no lung head.
+
+Method (scipy.ndimage only, on (Z, H, W) slices in display orientation, see data.transforms.to_axial_slices):
+
+1. Scans wider than 256 pixels are block-averaged in-plane to about 256 (a 512x512x300 scan costs a
+   quarter), then lightly smoothed in-plane; air-like voxels are those below AIR_HU.
+2. The body is the largest 3D component of the not-air voxels; air outside it (and air connected to a
+   slice's border, slice by slice) is outside air. Removing the border-connected air per slice, not in 3D,
+   keeps lungs whose airway reaches the mouth in a scan that includes the head. The table is a separate
+   component, so the air inside it is outside the body too.
+3. The airway (trachea and main bronchi) is tracked slice by slice from the top: a small air component
+   near the body's midline, followed downwards while its pieces stay small, until it merges into a lung.
+   Intrapulmonary bronchi, inside a lung's outline, stay lung (as expert masks keep them).
+4. The remaining air components of at least MIN_LUNG_SHARE of the largest are lung. Two of them are the
+   two lungs; one that straddles the body's midline is two lungs touching, split at the fewest-voxel
+   column (utils.volumes.split_lungs).
+5. Per lung and slice: a small closing and hole filling (vessels and airway walls inside the lung become
+   lung), then the predicted lesion voxels that lie inside the lung's convex hull on that slice (dense
+   consolidation is not air, and would otherwise be cut out of the lung), then holes filled again.
+6. Labels are upsampled back (nearest) and refined at full resolution: a boundary voxel stays lung only
+   if it is air-like, then holes are filled again.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+from utils.volumes import split_lungs
+
+AIR_HU = -320.0  # lung parenchyma (-900..-500) and air below, soft tissue (> -100) above, with a margin
+WORK_SIZE = 256  # in-plane size the labelling runs at: larger scans are block-averaged to about this
+MIN_LUNG_SHARE = 0.1  # an air component smaller than this share of the largest is not a lung
+AIRWAY_WIDTH = 0.12  # the trachea is narrower than this share of the body's width (about 2 of 30 cm)
+AIRWAY_MIN_WIDTH = 0.025  # ...and wider than this share (air bubbles in the oesophagus are smaller)
+AIRWAY_TOP = 0.4  # the trachea is looked for in this upper share of the slices with air
+AIRWAY_OFF_MIDLINE = 0.25  # the trachea's centre lies within this share of the body's width of its midline
+MIDLINE_BAND = 0.1  # a lone component whose centre is this close to the body's midline is two lungs
+CROPPED_BORDER = 0.1  # a slice whose border is more body than this is cropped inside the body
+LEFT, RIGHT = 1, 2  # label values, as the phantoms' and Ma et al.'s lung masks
+
+_SLICE_2D = np.zeros((3, 3, 3), bool)  # 8-connectivity within each slice, none across slices
+_SLICE_2D[1] = True
+_CROSS_2D = np.zeros((3, 3, 3), bool)  # 4-connectivity within each slice
+_CROSS_2D[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _label_2d(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components within each slice of a (Z, H, W) mask, in one call."""
+    return ndimage.label(mask, structure=_SLICE_2D)
+
+
+def _touching_border(labels: np.ndarray) -> np.ndarray:
+    """The labels of a (Z, H, W) slice-wise labelling that touch a slice's border (0 excluded)."""
+    edge = np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(),
+                           labels[:, :, -1].ravel()])
+    return np.setdiff1d(np.unique(edge), [0])
+
+
+def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of each slice of a (Z, H, W) mask: the background not connected to a slice's border.
+
+    One labelling of the background instead of scipy's iterated dilation: fast on a whole volume.
+    """
+    labels, _ = _label_2d(~mask)
+    return mask | ((labels > 0) & ~np.isin(labels, _touching_border(labels)))
+
+
+def _downsample(hu: np.ndarray, f: int) -> np.ndarray:
+    """Block mean over f x f in-plane (the edge padded), float32."""
+    hu = np.asarray(hu, np.float32)
+    if f == 1:
+        return hu
+    z, h, w = hu.shape
+    ph, pw = -h % f, -w % f
+    hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), mode="edge")
+    return hu.reshape(z, (h + ph) // f, f, (w + pw) // f, f).mean(axis=(2, 4))
+
+
+def _upsample(labels: np.ndarray, f: int, shape: tuple) -> np.ndarray:
+    if f == 1:
+        return labels
+    return labels.repeat(f, axis=1).repeat(f, axis=2)[:, :shape[1], :shape[2]]
+
+
+def _body(air: np.ndarray) -> np.ndarray:
+    """The patient: the largest 3D component of not-air voxels, its holes filled per slice."""
+    labels, n = ndimage.label(~air)
+    if n == 0:
+        return np.zeros_like(air)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return fill_holes_2d(labels == int(np.argmax(sizes)))
+
+
+def _outside_air(air: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Air outside the patient, slice by slice.
+
+    A slice that shows the whole body (the body touches less than CROPPED_BORDER of its border): the air
+    connected to the border, or outside the body. A slice cropped inside the body (lungs may touch its
+    border): the border-connected air outside the convex hull of the body's tissue, which wraps the lungs.
+    """
+    edge = np.concatenate([body[:, 0], body[:, -1], body[:, :, 0], body[:, :, -1]], axis=1)
+    cropped = edge.mean(axis=1) >= CROPPED_BORDER
+    labels, _ = _label_2d(air)
+    outside = np.isin(labels, _touching_border(labels))
+    for z in np.flatnonzero(cropped & outside.any(axis=(1, 2))):
+        pts = np.argwhere(outside[z])
+        outside[z][tuple(pts[_inside_hull(body[z] & ~air[z], pts)].T)] = False
+    return outside | (~body & ~cropped[:, None, None])
+
+
+def _airway(candidates: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """The trachea and main bronchi, tracked slice by slice from where they are first seen alone.
+
+    A piece (4-connected, so that a trachea touching a lung apex at a corner stays apart) is small when its
+    area is under (AIRWAY_WIDTH x body width)^2; a seed is also wider than AIRWAY_MIN_WIDTH. The track starts at the widest small piece near the body's
+    midline that does not touch the slice's border. Downwards it follows the small pieces
+    that overlap the slice above and stops where the airway merges into a lung (a piece becomes large).
+    Upwards, where the trachea may touch a lung apex, it keeps the air within one pixel of the seed's outline.
+    """
+    airway = np.zeros_like(candidates)
+    cols = np.flatnonzero(body.any(axis=(0, 1)))
+    if len(cols) == 0:
+        return airway
+    width = cols[-1] - cols[0] + 1
+    centre, max_area = (cols[0] + cols[-1]) / 2, (AIRWAY_WIDTH * width) ** 2
+    labels, n = ndimage.label(candidates, structure=_CROSS_2D)
+    if n == 0:
+        return airway
+    areas = np.bincount(labels.ravel())
+    centres = np.asarray(ndimage.center_of_mass(candidates, labels, range(1, n + 1)))[:, 2]
+    seeds = np.flatnonzero((areas[1:] < max_area) & (areas[1:] >= (AIRWAY_MIN_WIDTH * width) ** 2) & (np.abs(centres - centre) < AIRWAY_OFF_MIDLINE * width)) + 1
+    seeds = np.setdiff1d(seeds, _touching_border(labels))
+    z_air = np.flatnonzero(candidates.any(axis=(1, 2)))
+    low = z_air[0] + (1 - AIRWAY_TOP) * (z_air[-1] - z_air[0])  # the trachea is in the upper chest
+    seeds = [i for i in seeds if ndimage.find_objects(labels)[i - 1][0].start >= low]
+    if len(seeds) == 0:
+        return airway
+    seed = max(seeds, key=lambda i: areas[i])  # the trachea is the widest small air piece near the midline
+    top = int(ndimage.find_objects(labels)[seed - 1][0].start)
+    airway[top] = labels[top] == seed
+    for z in range(top - 1, -1, -1):  # down to the carina and the main bronchi
+        above = np.setdiff1d(np.unique(labels[z][airway[z + 1]]), [0])
+        if len(above) == 0 or (areas[above] >= max_area).any():
+            break
+        airway[z] = np.isin(labels[z], above)
+    footprint = ndimage.binary_dilation(airway[top], _CROSS_2D[1])
+    for z in range(top + 1, len(candidates)):  # up, where it may touch the lung apices: within its footprint
+        airway[z] = candidates[z] & footprint
+        if not airway[z].any():
+            break
+    return airway
+
+
+def _split_left_right(lungs: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Label 3D lung components: 1 left, 2 right (the patient's right has the low columns)."""
+    labels, n = ndimage.label(lungs)
+    out = np.zeros(lungs.shape, np.uint8)
+    if n == 0:
+        return out
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(-sizes)
+    keep = [i + 1 for i in order if sizes[i] >= MIN_LUNG_SHARE * sizes[order[0]]][:2]
+    cols = np.flatnonzero(body.any(axis=(0, 1)))
+    centre, width = (cols[0] + cols[-1]) / 2, cols[-1] - cols[0] + 1
+    col_of = {i: ndimage.center_of_mass(labels == i)[2] for i in keep}
+    if len(keep) == 1 and abs(col_of[keep[0]] - centre) < MIDLINE_BAND * width:  # two lungs touching
+        right, left = split_lungs(labels == keep[0])
+        out[left], out[right] = LEFT, RIGHT
+        return out
+    for i in keep:
+        if len(keep) == 2:
+            side = RIGHT if col_of[i] == min(col_of.values()) else LEFT
+        else:
+            side = RIGHT if col_of[i] < centre else LEFT
+        out[labels == i] = side
+    return out
+
+
+def _inside_hull(region: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Which (N, 2) points lie in the convex hull of a 2D region's pixels."""
+    coords = np.argwhere(region)
+    try:  # triangulating the hull's corners only: all the pixels would cost seconds a slice
+        return Delaunay(coords[ConvexHull(coords).vertices]).find_simplex(points) >= 0
+    except (QhullError, ValueError):  # too few or collinear pixels: no area to lie in
+        return np.zeros(len(points), bool)
+
+
+def _complete(labels: np.ndarray, lesion: np.ndarray | None, close_px: int) -> np.ndarray:
+    """Per lung and slice: closing, hole filling, lesions inside its convex hull; returns the label map."""
+    out = np.zeros_like(labels)
+    disk = np.ones((1, 2 * close_px + 1, 2 * close_px + 1), bool)
+    for side in (LEFT, RIGHT):
+        lung = labels == side
+        if not lung.any():
+            continue
+        lung = fill_holes_2d(ndimage.binary_closing(lung, disk) | lung)
+        if lesion is not None:
+            for z in np.flatnonzero(lesion.any(axis=(1, 2)) & lung.any(axis=(1, 2))):
+                pts = np.argwhere(lesion[z] & ~lung[z])
+                if len(pts):
+                    inside = pts[_inside_hull(lung[z], pts)]
+                    lung[z][tuple(inside.T)] = True
+            # the partial-volume rim of a consolidation against the chest wall lies just outside the hull
+            lung = fill_holes_2d(lung | (lesion & ndimage.binary_dilation(lung, np.ones((1, 3, 3), bool))))
+        out[lung & (out == 0)] = side
+    return out
+
+
+def extract_lungs(hu: np.ndarray, spacing=None, lesion: np.ndarray | None = None) -> np.ndarray:
+    """Left and right lungs of a chest CT from its HU values, without a model (method: module docstring).
+
+    Args:
+        hu: (Z, H, W) slices in HU, display orientation (z inferior -> superior, the patient's right on
+            the image's left).
+        spacing: (z, row, column) voxel size in mm; unused by the method, which works in fractions of the
+            body's width so that it does not depend on the scan's pixel size. Kept for callers' symmetry.
+        lesion: optional binary lesion mask (Z, H, W); lesion voxels inside a lung's outline become lung.
+    Returns:
+        uint8 (Z, H, W) label map: 0 outside, 1 the patient's left lung, 2 the right lung.
+    """
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"extract_lungs takes (Z, H, W) slices, got shape {hu.shape}")
+    shape = hu.shape
+    f = max(1, min(shape[1:]) // WORK_SIZE)
+    small = ndimage.uniform_filter(_downsample(hu, f), size=(1, 3, 3))
+    air = small < AIR_HU
+    body = _body(air)
+    candidates = air & ~_outside_air(air, body)
+    airway = _airway(candidates, body)
+    labels = _split_left_right(candidates & ~airway, body)
+    if lesion is not None:
+        lesion = np.asarray(lesion) > 0
+        lesion_small = _downsample(lesion, f) >= 0.5 if f > 1 else lesion
+    else:
+        lesion_small = None
+    labels = _complete(labels, lesion_small, close_px=2)
+    return _refine(labels, hu, f, _upsample(airway, f, shape), lesion)
+
+
+def _refine(labels: np.ndarray, hu: np.ndarray, f: int, airway: np.ndarray, lesion: np.ndarray | None) -> np.ndarray:
+    """Upsample the labels; at full resolution, voxels on a lung's edge stay lung only where air-like."""
+    if f == 1:
+        return labels.astype(np.uint8)
+    up = _upsample(labels, f, hu.shape)
+    smooth = ndimage.uniform_filter(np.asarray(hu, np.float32), size=(1, 3, 3))
+    out = np.zeros(hu.shape, np.uint8)
+    for side in (LEFT, RIGHT):
+        lung = up == side
+        if not lung.any():
+            continue
+        grown = ndimage.binary_dilation(lung, np.ones((1, 3, 3), bool), iterations=f)
+        core = ndimage.binary_erosion(lung, np.ones((1, 3, 3), bool), iterations=f)
+        edge_ok = (smooth < AIR_HU) & ~airway
+        if lesion is not None:
+            edge_ok |= lesion & lung
+        lung = core | (grown & edge_ok & (out == 0))
+        out[fill_holes_2d(lung) & (out == 0)] = side
+    return out
