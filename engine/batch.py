@@ -22,12 +22,14 @@ from data.transforms import IMAGE_SUFFIXES, InputError, case_name, nifti_gz_byte
 from data.labels import TASK_OUTPUTS
 from data.readers import read_case
 from engine.predict import Predictor, main_structure
+from engine.report_html import write_index_html, write_report_html
 from base import atomic_write
 from utils.helpers import mask_to_png, overlay, write_csv
 from utils.lungs import extract_lungs
 from utils.volumes import volume_report
 
 MANIFEST = "infer_manifest.json"
+INDEX = "index.html"  # a batch's page linking every case's <case>_report.html
 LUNG_SOURCES = ("auto", "model", "hu")  # infer.py --lungs
 PNG_MARK = "infer.py lesion segmentation"  # "Software" text chunk of every PNG infer.py writes
 
@@ -220,6 +222,7 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
     with atomic_write(out / f"{case}_report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     save_marked_png(montage(images, masks), out / f"{case}_montage.png")
+    write_report_html(volume.image, masks, report, out / f"{case}_report.html")
     pct = report["infection_percent"]
     print(f"{case}: lesion {report['lesion_ml'] or 0:.1f} mL"
           + (f", lung {report['lung_ml']:.1f} mL, infection {pct:.2f}% (left {report['infection_percent_left'] or 0:.2f}%, "
@@ -247,12 +250,13 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
         raise InputError(f"{volumes[0].parent}: several volumes share the case name {clash[0]!r}; rename or move one")
     names = tuple(dict.fromkeys(TASK_OUTPUTS[predictor.task] + ("lung",)))  # lungs from HU without a lung head
     lung_source(predictor.task, lungs)  # a bad --lungs fails before anything is written
-    outputs = {c: [out / f"{c}_{n}.nii.gz" for n in names] + [out / f"{c}_report.json", out / f"{c}_montage.png"]
+    outputs = {c: [out / f"{c}_{n}.nii.gz" for n in names] + [out / f"{c}_report.json", out / f"{c}_montage.png",
+                                                             out / f"{c}_report.html"]
                for c in cases}
     folder = OutputFolder(out, {**run_settings(checkpoint, predictor, threshold), "lungs": lungs}, overwrite,
                           table=batch)
     todo = [(c, v) for c, v in zip(cases, volumes) if not folder.done(v.name, v)]
-    folder.check([p for c, _ in todo for p in outputs[c]])
+    folder.check([p for c, _ in todo for p in outputs[c]] + ([out / INDEX] if batch else []))
     if len(todo) < len(volumes):
         print(f"skipping {len(volumes) - len(todo)} volume(s) already done in {out}/ (--overwrite redoes them)")
     if batch:  # a single volume writes nothing until it is done, so a bad one leaves no folder behind
@@ -261,6 +265,7 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
     with exclusive_lock(out, "another infer.py run") if batch else contextlib.nullcontext():
         try:
             if batch:
+                folder.files.add(INDEX)  # listed before it exists, as report.csv is
                 folder.save()  # from the start, the folder says it is incomplete
             for case, vol in tqdm(todo, desc="volumes", disable=True if (not progress or len(todo) <= 1) else None):
                 try:
@@ -275,11 +280,24 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
                                                                     if k not in ("case", "file")})
             written = [p for c, v in zip(cases, volumes) if folder.done(v.name, v) for p in outputs[c][:len(names)]]
             print(f"{len(written) // len(names)} of {len(volumes)} volume(s) done: masks, reports and montages in "
-                  f"{out}/" + (" (summary: report.csv)" if batch else ""))
+                  f"{out}/" + (" (summary: report.csv, index.html)" if batch else ""))
+            if batch:
+                _write_index(folder, keys)
             _finish(folder, keys, failed, "volumes")
         except KeyboardInterrupt:
             raise _interrupted(folder, keys) from None
     return written
+
+
+def _write_index(folder: OutputFolder, keys: list[str]) -> None:
+    """OUT/index.html: a link to the report page of every done case (one done before the pages existed has none)."""
+    cases = []
+    for key in keys:
+        case = folder.cases.get(key, {})
+        pages = [o for o in case.get("outputs", []) if o.endswith("_report.html")]
+        if case.get("status") == "done" and pages and (folder.folder / pages[0]).exists():
+            cases.append((pages[0][:-len("_report.html")], pages[0], case["report"] or {}))
+    write_index_html(cases, folder.folder / INDEX)
 
 
 # ----------------------------------------------------------------------------- 2D images
