@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import data.transforms as transforms
 from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
 from data.labels import TASK_OUTPUTS, class_targets
 from data.readers import find_cases, read_case, reader_for
-from data.transforms import InputError, is_nifti, read_mask, resize_images
+from data.transforms import InputError, image_files_note, is_nifti, read_mask, resize_images
 from engine.predict import Predictor, inference_model, main_structure, predict
 from models import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -191,7 +190,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
         ds, split = load_eval_dataset(data, split, ckpt)
     pairs = isinstance(ds, PairFolderDataset)
     print(f"scoring {len(ds)} {'image-mask pairs' if pairs else 'slices'} of {data} (split: {split})")
-    note = transforms.image_files_note(ckpt["preprocessing"]) if pairs else None  # once per run, not per file
+    note = image_files_note(ckpt["preprocessing"]) if pairs else None  # once per run, not per file
     if note:
         print(note)
     names = list(TASK_OUTPUTS[task])

@@ -109,7 +109,7 @@ def bar_chart_svg(report: dict, width: int = 420, height: int = 180) -> str:
                   f'text-anchor="middle">{fmt(value)}</text>',
                   f'<text x="{x + step * 0.35:.1f}" y="{base + 14}" font-size="11" '
                   f'text-anchor="middle">{html.escape(label)}</text>']
-    parts.append(f'<text x="2" y="12" font-size="11">infection %</text></svg>')
+    parts.append('<text x="2" y="12" font-size="11">infection %</text></svg>')
     return "".join(parts)
 
 
