@@ -16,11 +16,22 @@ per-patient figures are mean +- sd over the images (patients) where the metric i
 are undefined when the ground truth is empty, so lesion-free slices are reported on their own (how many
 got a false-positive pixel), never counted as 0 or 1. Image-mask pairs are scored at each mask's own
 resolution (the prediction is resized back), preprocessed arrays at the preprocessed size.
+
+A checkpoint of a lesion-types task (--task lesion-types or lung+lesion-types: ground-glass opacity and
+consolidation) is also scored as one label map per slice (lesion where the union's probability is above
+--threshold, each lesion pixel its likelier type), per type: pooled, per image and per patient Dice/IoU,
+slices without the type apart with their false positives, Inf-Net's threshold-averaged Dice over each
+type's probability map (slices without the type as 0, its protocol), and how much of each type is called
+the other: the "classes" block of results.json and a table. Pair folders then need label masks (palette or
+0/1/2 PNGs, e.g. COVID-SemiSeg's MultiClassInfection-Train/GT); volumes add per-type 3D Dice and mL.
+Pixels the checkpoint was trained to ignore (--other-labels ignore) are no hit and no miss of any class
+(they count as true negatives only).
 """
 from __future__ import annotations
 
 import argparse
 
+from engine.batch import LUNG_SOURCES
 from engine.evaluation import evaluate, evaluate_volumes, is_volume_folder
 from utils.cli import add_runtime_args
 
@@ -39,13 +50,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="slices: flip test-time augmentation (default: as the checkpoint was trained to use)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lungs", choices=LUNG_SOURCES, default="auto",
+                   help="volumes: predicted lungs from the model's lung head (auto, when it has one; model) or "
+                        "from HU (hu; auto without a lung head), scored against the lung masks")
     return add_runtime_args(p)
 
 
 def main(args: argparse.Namespace) -> dict:
     if is_volume_folder(args.data):
         return evaluate_volumes(args.checkpoint, args.data, args.out, args.threshold, args.device, args.amp,
-                                args.batch_size, args.splits, args.split, args.progress)
+                                args.batch_size, args.splits, args.split, args.progress, args.lungs)
     return evaluate(args.checkpoint, args.data, args.split, args.out, args.threshold, args.device, args.amp,
                     args.batch_size, progress=args.progress, tta=args.tta)
 

@@ -6,8 +6,18 @@
                                                                #    _report.json (mL, infection %), _montage.png
     python infer.py --input dicom_folder/ --output results/    # a DICOM series (folder or .zip) -> the same,
                                                                #    named after the folder, in its geometry
+    python infer.py --input dicom_folder/ --output results/ --dicom-seg   # also results/<case>_seg.dcm: a DICOM
+                                                               #    SEG over the series (3D Slicer, OHIF)
 
-Masks are white (255) where the model sees infection, at the input's own size. A NIfTI mask has exactly
+Masks are white (255) where the model sees infection, at the input's own size. A lesion-types checkpoint
+(train.py --task lesion-types or lung+lesion-types) tells ground-glass opacity from consolidation: a slice's
+mask is a label PNG (palette, as COVID-SemiSeg's multi-class masks: 0 background, 1 ground-glass opacity,
+2 consolidation), overlays colour the types differently, --save-probs writes one map per type
+(PROB/ggo/<name>.png, PROB/consolidation/<name>.png), a volume's <case>_lesion.nii.gz holds labels 1/2 and
+its report each type's mL and % of each lung (ggo_ml, ggo_percent_left, ...). A pixel is lesion where the
+union's probability (1 - background) is above --threshold, as for a binary model, so the union of the types
+is the lesion mask a binary reading gives; a lesion pixel is the type of higher probability.
+--lesion any writes the union instead, as a binary model's masks (0/255 slices, 0/1 volumes). A NIfTI mask has exactly
 the input's shape, affine and orientation, so it opens over the scan in 3D Slicer or ITK-SNAP; for a DICOM
 series (a folder searched recursively, or a .zip; --series UID picks one of several) the mask has the
 series' geometry, its voxel i along the DICOM rows, j down the columns, k along the slice normal. The input
@@ -34,7 +44,7 @@ from pathlib import Path
 from base import check_disjoint
 from data.readers import reader_for
 from data.transforms import IMAGE_SUFFIXES, InputError, image_files_note
-from engine.batch import image_files, infer_image, infer_image_folder, infer_volumes
+from engine.batch import LESION_MODES, image_files, infer_image, infer_image_folder, infer_volumes
 from engine.predict import Predictor
 from utils.cli import add_runtime_args
 
@@ -55,7 +65,8 @@ def volume_inputs(src: Path) -> list[Path]:
 def infer(checkpoint, input: str | Path, output: str | Path | None = None, threshold: float = 0.5,
           device: str = "auto", amp: str = "auto", batch_size: int = 8, progress: bool = True,
           save_probs: str | Path | None = None, tta: bool | None = None, overwrite: bool = False,
-          series: str | None = None, lungs: str = "auto") -> list[Path]:
+          series: str | None = None, lungs: str = "auto", dicom_seg: bool = False,
+          lesion: str = "types") -> list[Path]:
     """Predict masks for an image, a folder of images, a NIfTI volume, a DICOM series or a folder of volumes.
 
     Args:
@@ -65,6 +76,9 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
         overwrite: replace existing files infer.py did not write, and redo cases already done.
         series: the SeriesInstanceUID to read from a DICOM input holding several series.
         lungs: volumes' lung mask: "auto" (the model's lung head, else from HU), "model" or "hu".
+        dicom_seg: DICOM series also get <case>_seg.dcm, their masks as a DICOM SEG referencing the series.
+        lesion: a lesion-types checkpoint writes "types" (label masks, one probability map per type) or "any"
+            (the union, as a binary model's masks); a binary checkpoint writes binary masks either way.
     Returns the written mask paths (for a folder: of every done case, skipped ones included).
     """
     src = Path(input)
@@ -72,12 +86,16 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
         raise InputError(f"{src}: input not found")
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"--threshold must be in [0, 1], got {threshold}")
+    if lesion not in LESION_MODES:
+        raise InputError(f"--lesion must be one of {', '.join(LESION_MODES)}, got {lesion!r}")
     volumes = volume_inputs(src)
     if src.is_file() and not volumes and src.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"{src}: not an image ({'/'.join(IMAGE_SUFFIXES)}), NIfTI (.nii, .nii.gz) or DICOM "
                          f"(.zip, or a folder) input")
     if series is not None and not volumes:
         raise InputError(f"{src}: --series applies to DICOM input (a folder or a .zip of DICOM files) only")
+    if dicom_seg and not volumes:
+        raise InputError(f"--dicom-seg needs DICOM input (a folder or .zip of DICOM files): {src} is not a volume")
     if save_probs:
         check_disjoint(save_probs, [src], "--save-probs")
     if volumes or src.is_dir():
@@ -89,13 +107,15 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
     predictor = Predictor(checkpoint, device, amp, batch_size, tta)
     if volumes:
         batch = src.is_dir() and volumes != [src]  # a DICOM folder is one scan
-        return infer_volumes(predictor, volumes, out, threshold, checkpoint, progress, overwrite, batch, series, lungs)
+        return infer_volumes(predictor, volumes, out, threshold, checkpoint, progress, overwrite, batch, series, lungs,
+                             dicom_seg, lesion)
     note = image_files_note(predictor.prep)
     if note:
         print(note)
     if src.is_dir():
-        return infer_image_folder(predictor, paths, out, threshold, checkpoint, save_probs, progress, overwrite)
-    return infer_image(predictor, src, output, threshold, save_probs, overwrite)
+        return infer_image_folder(predictor, paths, out, threshold, checkpoint, save_probs, progress, overwrite,
+                                  lesion)
+    return infer_image(predictor, src, output, threshold, save_probs, overwrite, lesion)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,11 +129,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lungs", choices=("auto", "model", "hu"), default="auto",
                    help="volumes' lung mask: the model's lung head (model), extracted from HU without training "
                         "(hu), or the model's when it has one, else HU (auto)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="DICOM series: also write OUT/<case>_seg.dcm, the masks as a DICOM SEG referencing the "
+                        "series (opens over the scan in 3D Slicer and OHIF)")
     p.add_argument("--output", default=None,
                    help="mask file for one slice (default prediction_mask.png), else a folder (default predictions/)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="lesion (any type) where its probability is above this")
+    p.add_argument("--lesion", choices=LESION_MODES, default="types",
+                   help="lesion-types checkpoint: label masks of the types (types: 0 background, 1 ground-glass "
+                        "opacity, 2 consolidation) or the union of the types as binary masks (any)")
     p.add_argument("--save-probs", default=None, metavar="DIR",
-                   help="slices: also write 8-bit probability maps (0-255) named like the masks to DIR")
+                   help="slices: also write 8-bit probability maps (0-255) named like the masks to DIR; with a "
+                        "lesion-types checkpoint one per type, DIR/ggo/<name>.png and DIR/consolidation/<name>.png")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation, 4 passes (default: as the checkpoint was trained to use)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -124,7 +152,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[Path]:
     return infer(args.checkpoint, args.input, args.output, args.threshold, args.device, args.amp,
-                 args.batch_size, args.progress, args.save_probs, args.tta, args.overwrite, args.series, args.lungs)
+                 args.batch_size, args.progress, args.save_probs, args.tta, args.overwrite, args.series, args.lungs,
+                 args.dicom_seg, args.lesion)
 
 
 if __name__ == "__main__":

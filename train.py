@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 # ---- Edit these, then run `python train.py` (each can also be set by the flag named beside it) ----
 DATA = "data/processed"  # --data: preprocessed folder, or a folder of image-mask pairs
 MODEL = "unet"           # --model: unet | deeplabv3
-LOSS = None              # --loss: bce | dice | bce_dice | ce | ce_dice (None: bce_dice for unet, ce_dice for deeplabv3)
+LOSS = None              # --loss: bce | dice | bce_dice | ce | ce_dice (None: bce_dice for unet on 2 classes, else ce_dice)
 EPOCHS = 50              # --epochs
 BATCH_SIZE = 8           # --batch-size
 LR = 1e-3                # --lr (Adam, with warm-up and cosine decay; see --opt, --sched)
@@ -38,10 +38,12 @@ OUT = "checkpoints"      # --out: best_model.pth, last.pth, history.csv, curves.
 from base import InputError, exclusive_lock  # noqa: E402
 from data.augment import AUGMENT_LEVELS, BatchAugment, SpatialAugment  # noqa: E402
 from data.dataset import DeviceLoader  # noqa: E402
-from data.labels import TASKS  # noqa: E402
+from data.labels import OTHER_LABELS, TASK_CLASSES, TASKS, TYPE_TASKS  # noqa: E402
+from data.look import CROPS  # noqa: E402
 from engine.cross_validation import cross_validate  # noqa: E402
 from engine.training import (LOCK_HOLDER, OUTPUTS, Hooks, Progress, RunState, best_epoch, build_datasets,  # noqa: E402
-                             checkpoint, data_on_device, data_record, default_loss, divergence_advice, history_row,
+                             checkpoint, class_weights, data_on_device, data_record, default_loss, divergence_advice,
+                             history_row,
                              is_better, make_scheduler, resume, save, train_one_epoch, where_saved)
 from models import MODEL_NAMES, build_model, model_options  # noqa: E402
 from utils import distributed  # noqa: E402
@@ -55,8 +57,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DATA, help="preprocessed folder or folder of image-mask pairs")
     p.add_argument("--model", default=MODEL, choices=MODEL_NAMES)
-    p.add_argument("--loss", default=LOSS, choices=sorted(LOSSES), help="default: bce_dice (unet), ce_dice (deeplabv3)")
-    p.add_argument("--task", default="lesion", choices=TASKS, help="what to segment (lung+lesion: 3 classes)")
+    p.add_argument("--loss", default=LOSS, choices=sorted(LOSSES), help="default: bce_dice (unet, 2-class tasks), else ce_dice")
+    p.add_argument("--task", default="lesion", choices=TASKS,
+                   help="what to segment: " + "; ".join(f"{t} ({TASK_CLASSES[t]} classes)" for t in TASKS)
+                        + f". {' and '.join(TYPE_TASKS)} tell ground-glass opacity and consolidation apart "
+                          "(pair folders: label or palette masks 0/1/2, COVID-SemiSeg's MultiClassInfection-Train)")
+    p.add_argument("--other-labels", default="background", choices=OTHER_LABELS,
+                   help="types tasks: a lesion label that is neither type (MedSeg's 3, pleural effusion) becomes "
+                        "background, or is ignored by the loss and validation")
+    p.add_argument("--class-weights", default="none", choices=("none", "auto"),
+                   help="auto: cross-entropy weights 1/sqrt(class frequency) from the training targets "
+                        "(ce/ce_dice; for rare classes such as consolidation)")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
@@ -71,6 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux", action="store_true", help="DeepLabV3 auxiliary head (loss weight 0.4)")
     p.add_argument("--backbone-weights", default=None, help="DeepLabV3: ResNet-50 state dict to start from")
     p.add_argument("--size", type=int, default=256, help="input side for image-mask pair folders")
+    p.add_argument("--look-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="image-mask pair folders: the HU window their 8-bit images were shown in (default: "
+                        "estimated from their lung and soft-tissue gray levels); volume inference shows CT so")
+    p.add_argument("--look-crop", default=None, choices=CROPS,
+                   help="image-mask pair folders: what their images are cropped to (default: lungs when their "
+                        "border holds no outside air, else none); volume inference crops CT so")
     p.add_argument("--val-fraction", type=float, default=0.15, help="pair folders without a val part: held-out share")
     p.add_argument("--folds", type=int, default=0, help="pair folders: K-fold cross-validation, one run per fold")
     p.add_argument("--fold", type=int, default=None, help="with --folds: run this fold only (0-based)")
@@ -141,6 +158,23 @@ def make_loaders(args: argparse.Namespace, train_set, val_set, ctx: distributed.
     return train_loader, val_loader, sampler, gen, on_device
 
 
+def make_criterion(args: argparse.Namespace, hooks: Hooks, loss_name: str, train_set, log=print):
+    """The run's criterion and the output channels it needs (``hooks.loss``), with --class-weights auto's
+    cross-entropy weights from ``train_set``'s class frequencies.
+
+    Returns (criterion, channels, class weights or None)."""
+    weights = None
+    if args.class_weights == "auto":
+        if loss_name not in ("ce", "ce_dice"):  # before reading every training mask
+            raise InputError(f"--class-weights auto weighs the cross-entropy: use --loss ce or ce_dice, not {loss_name}")
+        weights = class_weights(train_set, TASK_CLASSES[args.task])
+        log(f"class weights {', '.join(f'{w:.3g}' for w in weights)} (background first)")
+    # hooks injected by tests take (name, task, batch_dice=) only: weights are passed when there are some
+    criterion, channels = hooks.loss(loss_name, args.task, batch_dice=args.batch_dice,
+                                     **({"class_weights": weights} if weights is not None else {}))
+    return criterion, channels, weights
+
+
 def make_model(args: argparse.Namespace, in_channels: int, channels: int, ctx: distributed.Context,
                device: torch.device, fmt):
     """The model of --model with its options (``in_channels`` from the data, ``channels`` outputs from the loss),
@@ -161,11 +195,17 @@ def make_model(args: argparse.Namespace, in_channels: int, channels: int, ctx: d
 
 
 def run_record(args: argparse.Namespace, model, channels: int, loss_name: str, prep: dict, data: dict,
-               on_device: bool, labels) -> dict:
+               on_device: bool, labels, weights: list[float] | None = None) -> dict:
     """What every checkpoint of the run says about it (model, task, loss, preprocessing, data, label map,
-    arguments), so infer.py and evaluate.py rebuild the model and its input pipeline from it alone."""
+    arguments), so infer.py and evaluate.py rebuild the model and its input pipeline from it alone.
+
+    ``other_labels`` (types tasks; None for the others) says what the lesion labels that are no type
+    became in training; ``class_weights`` the cross-entropy weights of --class-weights auto (or None)."""
+    types = args.task in TYPE_TASKS
     state = {"model_config": {"name": args.model, **model.config}, "num_classes": channels, "task": args.task,
              "loss": loss_name, "preprocessing": prep, "data": data, "labels": labels,
+             "other_labels": args.other_labels if types else None,
+             "class_weights": weights,
              "inference": {"tta": args.tta},
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
     state["args"]["data_on_device"] = on_device  # what the default chose, not None
@@ -204,9 +244,10 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     log = print if ctx.is_main else (lambda *a, **k: None)  # only rank 0 talks and writes
     dtype = amp_dtype(device, args.amp)
     loss_name = args.loss or default_loss(args.model, args.task)
-    criterion, channels = hooks.loss(loss_name, args.task, batch_dice=args.batch_dice)
     train_set, val_set, prep, data_kind = build_datasets(args.data, args.task, args.size, args.val_fraction,
-                                                         args.seed, args.augment, args.folds, args.fold or 0)
+                                                         args.seed, args.augment, args.folds, args.fold or 0,
+                                                         args.look_window, args.look_crop, log, args.other_labels)
+    criterion, channels, weights = make_criterion(args, hooks, loss_name, train_set, log)
     train_loader, val_loader, sampler, gen, on_device = make_loaders(args, train_set, val_set, ctx, device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = make_model(args, train_set.channels, channels, ctx, device, fmt)
@@ -222,7 +263,7 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
 
     out = claim_out(Path(args.out), hold if ctx.is_main else None)
     state = run_record(args, model, channels, loss_name, prep, data_record(args.data, data_kind, train_set, val_set),
-                       on_device, getattr(train_set, "labels", None))
+                       on_device, getattr(train_set, "labels", None), weights)
     run = RunState()
     if args.resume:
         run = resume(args.resume, state, model, optimizer, scheduler, scaler, gen)

@@ -1,7 +1,8 @@
 """Datasets over preprocessed slice arrays and over folders of PNG/JPG image-mask pairs.
 
 Every item is ``(image, mask)``: image float32 (1, S, S) in [0, 1]; mask int64 (S, S) of class indices
-(lesion/lung task: {0, 1}; lung+lesion task: 0 background, 1 lung, 2 lesion).
+(lesion/lung task: {0, 1}; lung+lesion task: 0 background, 1 lung, 2 lesion; the types tasks: see
+data.labels.TASK_CLASS_INDICES, with data.labels.IGNORE_INDEX where a label is to be ignored).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.augment import intensity_jitter, jitter_params
-from data.labels import PAIR_LABELS, TASK_OUTPUTS, check_task, select_labels, structure_mask, task_target
-from data.transforms import IMAGE_SUFFIXES, InputError, load_image_slice, read_mask, resize_masks
+from data.labels import (OTHER_LABELS, PAIR_LABELS, PAIR_TYPE_LABELS, TYPE_TASKS, check_task, select_labels,
+                         structure_mask, task_masks, task_target, type_mask, type_values)
+from data.transforms import IMAGE_SUFFIXES, InputError, load_image_slice, read_label_mask, read_mask, resize_masks
 
 MASK_SUFFIXES = ("_mask", "-mask", "_seg", "_label")
 
@@ -55,26 +57,33 @@ class SliceArrayDataset(Dataset):
     Args:
         root: folder with images.npy, lesion_masks.npy / lung_masks.npy, meta.json, splits.json.
         split: "train", "val", "test" or None for every row.
-        task: "lesion", "lung" or "lung+lesion" (data.labels.TASKS).
+        task: "lesion", "lung", "lung+lesion", "lesion-types" or "lung+lesion-types" (data.labels.TASKS).
         augment: a callable (image, mask) -> (image, mask), e.g. PairAugment(), or None.
+        other_labels: types tasks: what a lesion label that is no type (MedSeg's 3, pleural effusion)
+            becomes, "background" or "ignore" (data.labels.IGNORE_INDEX).
 
-    The mask arrays hold the original labels; the task's targets are their binary view (data.labels):
-    every lesion label > 0, or those preprocessing's --lesion-labels kept. ``.labels`` is the label map of
-    the structures the task predicts, ``.channels`` the input channels (both go into the checkpoint).
+    The mask arrays hold the original labels; the binary tasks' targets are their binary view
+    (data.labels): every lesion label > 0, or those preprocessing's --lesion-labels kept; the types tasks'
+    targets keep ground-glass opacity and consolidation apart. ``.labels`` is the label map of the
+    structures the task predicts (for a types task, of its types only), ``.channels`` the input channels
+    (both go into the checkpoint).
     """
 
-    def __init__(self, root: str | Path, split: str | None = "train", task: str = "lesion", augment=None):
+    def __init__(self, root: str | Path, split: str | None = "train", task: str = "lesion", augment=None,
+                 other_labels: str = "background"):
         root = Path(root)
         if not (root / "images.npy").is_file() or not (root / "meta.json").is_file():
             raise InputError(f"{root}: not a preprocessed folder (no images.npy/meta.json); run "
                              f"`python -m data.preprocess --src VOLUMES --out {root}` first")
         check_task(task)
-        self.root, self.task, self.augment = root, task, augment
+        if other_labels not in OTHER_LABELS:
+            raise ValueError(f"other_labels must be one of {OTHER_LABELS}, got {other_labels!r}")
+        self.root, self.task, self.augment, self.other_labels = root, task, augment, other_labels
         self.meta = json.loads((root / "meta.json").read_text())
         self.preprocessing = self.meta["preprocessing"]
         self.images = np.load(root / "images.npy", mmap_mode="r")
         self.masks = {}
-        for kind in TASK_OUTPUTS[task]:
+        for kind in task_masks(task):
             path = root / f"{kind}_masks.npy"
             if not path.is_file():
                 raise InputError(f"{root}: task {task!r} needs {kind}_masks.npy, which this folder lacks "
@@ -89,6 +98,19 @@ class SliceArrayDataset(Dataset):
             raise InputError(f"{root}: split {split!r} is empty; rerun data.split_data with other fractions")
         self.channels = 1
         self.labels, self.keep = self._label_view()
+        self.types = self._type_view() if task in TYPE_TASKS else None
+
+    def _type_view(self) -> dict[int, int]:
+        """{lesion label value: type index} of a types task; its label map restricted to the types."""
+        if "labels" not in self.meta:
+            raise InputError(f"{self.root}: its lesion masks are binary (preprocessed before the labels were kept), "
+                             f"so task {self.task!r} has no lesion types in them; preprocess the volumes again")
+        try:
+            types = type_values(self.labels["lesion"])
+        except ValueError as e:
+            raise InputError(f"{self.root}/meta.json: task {self.task!r} needs lesion types, but {e}") from None
+        self.labels["lesion"] = {n: v for n, v in self.labels["lesion"].items() if v in types}
+        return types
 
     def _label_view(self) -> tuple[dict, dict]:
         """The task's label map and, per structure, the label values its targets keep (None: every > 0).
@@ -131,7 +153,10 @@ class SliceArrayDataset(Dataset):
         return self.cases[self.rows[index]]
 
     def mask(self, kind: str, row: int) -> np.ndarray:
-        """The binary (uint8 {0, 1}) ``kind`` mask of array row ``row``, as the task's targets see it."""
+        """The ``kind`` mask of array row ``row`` as the task's targets see it: binary (uint8 {0, 1}), or
+        for a types task's lesion its type view (data.labels.type_mask)."""
+        if kind == "lesion" and self.types is not None:
+            return type_mask(np.asarray(self.masks[kind][row]), self.types, self.other_labels)
         return structure_mask(np.asarray(self.masks[kind][row]), self.keep[kind])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,42 +204,65 @@ def pair_files(image_dir: str | Path, mask_dir: str | Path) -> list[tuple[Path, 
     return pairs
 
 
-def find_pair_dirs(root: str | Path, part: str = "train") -> tuple[Path, Path] | None:
+SEMISEG_IMAGES = Path("TrainingSet", "LungInfection-Train", "Doctor-label")  # COVID-SemiSeg, as published
+SEMISEG_TYPES = Path("TrainingSet", "MultiClassInfection-Train", "GT")  # its multi-class masks (0/1/2 palette)
+
+
+def find_pair_dirs(root: str | Path, part: str = "train", task: str = "lesion") -> tuple[Path, Path] | None:
     """The (images, masks) folders of one part of a pair folder, or None when it has no such part.
 
     Layouts: ``{part}_images/`` + ``{part}_masks/`` (the seed code's), ``{part}/images`` + ``{part}/masks``;
     and, holding one part only (``part`` is ignored), ``images/`` + ``masks/`` (what data.export_png writes)
     and COVID-SemiSeg's ``Imgs/`` + ``GT/`` (directly under root, or under
-    ``TrainingSet/LungInfection-Train/Doctor-label/``).
+    ``TrainingSet/LungInfection-Train/Doctor-label/``). For a types task (data.labels.TYPE_TASKS),
+    COVID-SemiSeg's masks are its multi-class ones, ``TrainingSet/MultiClassInfection-Train/GT/N.png``
+    (paired with ``Doctor-label/Imgs/N.jpg``), when root (or its ``TrainingSet``'s parent) holds them.
     """
     root = Path(root)
     for img, msk in ((f"{part}_images", f"{part}_masks"), (f"{part}/images", f"{part}/masks")):
         if (root / img).is_dir() and (root / msk).is_dir():
             return root / img, root / msk
-    for base, img, msk in ((root, "images", "masks"), (root, "Imgs", "GT"),
-                           (root / "TrainingSet" / "LungInfection-Train" / "Doctor-label", "Imgs", "GT")):
+    if task in TYPE_TASKS:
+        for base in (root, root.parent):  # the dataset's root, or its TrainingSet folder
+            if (base / SEMISEG_IMAGES / "Imgs").is_dir() and (base / SEMISEG_TYPES).is_dir():
+                return base / SEMISEG_IMAGES / "Imgs", base / SEMISEG_TYPES
+    for base, img, msk in ((root, "images", "masks"), (root, "Imgs", "GT"), (root / SEMISEG_IMAGES, "Imgs", "GT")):
         if (base / img).is_dir() and (base / msk).is_dir():
             return base / img, base / msk
     return None
 
 
 class PairFolderDataset(Dataset):
-    """Image-mask pairs from files: any size and mode in, (1, S, S) float32 / (S, S) int64 {0, 1} out.
+    """Image-mask pairs from files: any size and mode in, (1, S, S) float32 / (S, S) int64 class indices out.
 
-    Images go through the same ``load_image_slice`` as inference; masks are binarised by ``read_mask``
-    (0/255, 0/1 and palette label masks alike) and resized with nearest neighbour.
+    Images go through the same ``load_image_slice`` as inference. For the lesion task masks are binarised
+    by ``read_mask`` (0/255, 0/1 and palette label masks alike); for the lesion-types task they are read
+    with their labels by ``read_label_mask`` (palette or 0..MASK_LABEL_MAX label maps: 1 ground-glass
+    opacity, 2 consolidation, data.labels.PAIR_TYPE_LABELS), and a binary 0/255 mask, which has no types,
+    is refused. Masks are resized with nearest neighbour.
 
     Args:
         pairs: list of (image path, mask path), e.g. from :func:`pair_files`.
         preprocessing: dict with at least ``size`` (see data.transforms.make_preprocessing).
         augment: a callable (image, mask) -> (image, mask), or None.
+        task: "lesion" or "lesion-types" (pair folders have no lung masks).
+        other_labels: lesion-types: what a label that is no type becomes, "background" or "ignore".
     """
 
-    def __init__(self, pairs: list[tuple[Path, Path]], preprocessing: dict, augment=None):
+    def __init__(self, pairs: list[tuple[Path, Path]], preprocessing: dict, augment=None, task: str = "lesion",
+                 other_labels: str = "background"):
         if not pairs:
             raise InputError("no image-mask pairs given")
+        check_task(task)
+        if task_masks(task) != ("lesion",):
+            raise InputError(f"task {task!r} needs lung masks, which image-mask pair folders do not have; "
+                             f"train it on volumes preprocessed with their lung masks")
+        if other_labels not in OTHER_LABELS:
+            raise ValueError(f"other_labels must be one of {OTHER_LABELS}, got {other_labels!r}")
         self.pairs, self.preprocessing, self.augment = list(pairs), preprocessing, augment
-        self.task, self.labels, self.channels = "lesion", PAIR_LABELS, 1
+        self.task, self.channels, self.other_labels = task, 1, other_labels
+        self.types = type_values(PAIR_TYPE_LABELS["lesion"]) if task in TYPE_TASKS else None
+        self.labels = PAIR_TYPE_LABELS if self.types else PAIR_LABELS
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -222,11 +270,23 @@ class PairFolderDataset(Dataset):
     def case_of(self, index: int) -> str:
         return Path(self.pairs[index][0]).stem
 
+    def read_target(self, mask_path: Path) -> np.ndarray:
+        """The task's (H, W) uint8 target of one mask file."""
+        if self.types is None:
+            return read_mask(mask_path)
+        labels, is_label_map = read_label_mask(mask_path)
+        if not is_label_map:
+            raise InputError(f"{mask_path}: a binary (0/255) mask has no lesion types, which task {self.task!r} "
+                             f"needs; give label masks (0 background, "
+                             f"{', '.join(f'{v} {n}' for n, v in PAIR_TYPE_LABELS['lesion'].items())}), e.g. "
+                             f"COVID-SemiSeg's {SEMISEG_TYPES.parent.name}/{SEMISEG_TYPES.name}")
+        return type_mask(labels, self.types, self.other_labels)
+
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """The un-augmented (image (S, S), mask (S, S) uint8, original (H, W)) of one pair."""
         img_path, mask_path = self.pairs[index]
         image, shape = load_image_slice(img_path, self.preprocessing)
-        mask = read_mask(mask_path)
+        mask = self.read_target(mask_path)
         if mask.shape != shape:
             raise InputError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
                              f"image {Path(img_path).name} is {shape[1]}x{shape[0]}")

@@ -5,6 +5,9 @@
     read_dicom_series(path, series=None) -> nib.Nifti1Image
         the one axial CT series (or the series ``series`` names) as a float32 (X, Y, Z) HU image whose
         RAS affine is the series' own geometry; data.readers wraps it in a Volume.
+    read_dicom_series_headers(path, series=None) -> (nib.Nifti1Image, headers)
+        the same, with the series' pydicom headers (no pixels) in the image's slice order, for outputs that
+        refer back to the source images (a DICOM SEG, engine.dicom_seg).
 
 Headers (pydicom, pixels not read) choose the series, sort its slices along the slice normal and check
 its geometry; SimpleITK's GDCM series reader then reads the pixels of the sorted files, as lungmask does.
@@ -187,18 +190,24 @@ def _padding_hu(ds) -> float | None:
     return float(ds.PixelPaddingValue) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
 
 
-def _read_folder(folder: Path, source: Path, uid: str | None) -> nib.Nifti1Image:
+def _read_folder(folder: Path, source: Path, uid: str | None) -> tuple[nib.Nifti1Image, list]:
     all_files = [p for p in folder.rglob("*") if p.is_file()]
     found, n_dicom = list_series(sorted(all_files))
     series = choose_series(found, source, len(all_files), n_dicom, uid)
     files, _ = sorted_slices(series, source)
+    header_of = dict(zip(series.files, series.headers))
     try:
-        return _read_pixels(files, _padding_hu(series.headers[0]))
+        return _read_pixels(files, _padding_hu(series.headers[0])), [header_of[f] for f in files]
     except RuntimeError as e:  # SimpleITK reports an unreadable file or transfer syntax this way
         raise InputError(f"{source}: SimpleITK cannot read series {series.uid}: {str(e).strip().splitlines()[-1]}")
 
 
 def read_dicom_series(path: str | Path, series: str | None = None) -> nib.Nifti1Image:
+    """The image of :func:`read_dicom_series_headers` (see there)."""
+    return read_dicom_series_headers(path, series)[0]
+
+
+def read_dicom_series_headers(path: str | Path, series: str | None = None) -> tuple[nib.Nifti1Image, list]:
     """Read one CT series from a DICOM folder (searched recursively) or a .zip of DICOM files.
 
     Args:
@@ -206,7 +215,8 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> nib.Nifti1
         series: a SeriesInstanceUID; None takes the one axial CT series (several: InputError listing them).
     Returns:
         a float32 (X, Y, Z) HU nibabel image in memory, X along the rows' direction, Z along the slice
-        normal, with the series' RAS affine; padding (PixelPaddingValue, <= -2048) is air (-1024).
+        normal, with the series' RAS affine; padding (PixelPaddingValue, <= -2048) is air (-1024); and
+        the series' pydicom headers (read without pixels), one per slice in the image's Z order.
     """
     path = Path(path)
     if path.is_dir():

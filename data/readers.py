@@ -20,6 +20,8 @@ API (stable; preprocessing, prediction and evaluation all call it):
         geometry     img (the nibabel image, 3D: pass it as ``like`` when writing a mask back), affine,
                      shape (3D voxel shape), file_shape (the file's own, (X, Y, Z) or (X, Y, Z, 1)),
                      spacing (mm), voxel_ml, n_slices
+        source_headers  a DICOM series' pydicom headers (no pixels) in slice order, for outputs that refer
+                     to the source images (a DICOM SEG); None for NIfTI
     Volume.to_file_order(slices) -> the file's own voxel order and shape (to write a predicted mask back).
 
 A new input format is one reader function added to READERS: it takes the same arguments as read_case
@@ -35,7 +37,7 @@ import nibabel as nib
 import numpy as np
 
 from base import InputError
-from data.dicom import is_dicom_input, read_dicom_series
+from data.dicom import is_dicom_input, read_dicom_series_headers
 from data.transforms import (NIFTI_SUFFIXES, case_name, check_mask_header, from_axial_slices, load_nifti,
                              read_mask_volume, read_volume_data, to_axial_slices, voxel_spacing, warn_if_not_ct)
 from utils.volumes import voxel_volume_ml
@@ -68,6 +70,7 @@ class Volume:
     image: np.ndarray | None = None
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     label_values: dict[str, list[int]] = field(default_factory=dict)
+    source_headers: list | None = None  # DICOM input: pydicom Datasets, one per slice, in the file's Z order
 
     @property
     def affine(self) -> np.ndarray:
@@ -123,8 +126,8 @@ def read_dicom_case(image: Path, lung: Path | None = None, lesion: Path | None =
     The series is read as a float32 HU image in memory (voxels=False reads it too: the geometry comes from
     SimpleITK's reading), so masks are written back in the series' exact geometry.
     """
-    img = read_dicom_series(image, series)
-    vol = Volume(Path(image), img, tuple(int(s) for s in img.shape))
+    img, headers = read_dicom_series_headers(image, series)
+    vol = Volume(Path(image), img, tuple(int(s) for s in img.shape), source_headers=headers)
     data = read_volume_data(img, image, "image")
     if prep is not None:
         warn_if_not_ct(img, data, image, prep)

@@ -309,16 +309,9 @@ def read_image(path: str | Path) -> np.ndarray:
     return arr
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a binary lesion mask image as uint8 (H, W) in {0, 1}.
-
-    Label maps (palette indices, or values all <= MASK_LABEL_MAX such as 0/1/2) count every label > 0
-    as lesion; binary images (0/255, 16-bit 0/65535, JPEG-compressed masks) are thresholded at half their
-    range. Anything else is refused, naming its values: a lossless mask of a few gray levels other than
-    0 and full scale (0/38/75: a viewer's gray or RGB export of a palette label map) or one with no value
-    reaching the threshold would otherwise read as an empty mask.
-    """
-    path = Path(path)
+def _decode_mask(path: Path) -> tuple[np.ndarray, bool]:
+    """A mask file's values and whether they are labels: (label map as stored, True) or, for a binary
+    image thresholded at half its range, (uint8 {0, 1}, False). The rules are :func:`read_mask`'s."""
     img = _open_image(path)
     if img.mode == "P":
         arr = np.asarray(img)  # palette indices are the labels
@@ -328,7 +321,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         arr = np.asarray(img.convert("L"))
     top = arr.max(initial=0)
     if top <= MASK_LABEL_MAX:
-        return (arr > 0).astype(np.uint8)
+        return arr, True
     eight_bit = arr.dtype == np.uint8 or img.mode == "L"
     full = 255.0 if eight_bit else float(top)
     half = 128 if eight_bit else full / 2
@@ -340,7 +333,42 @@ def read_mask(path: str | Path) -> np.ndarray:
         shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
         raise InputError(f"{path}: mask values {{{shown}}} are neither 0/1, 0/255 nor labels 0..{MASK_LABEL_MAX} "
                          f"(a label map saved as gray levels?); save it as 0/255, or with the labels as values")
-    return (arr >= half).astype(np.uint8)
+    return (arr >= half).astype(np.uint8), False
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a binary lesion mask image as uint8 (H, W) in {0, 1}.
+
+    Label maps (palette indices, or values all <= MASK_LABEL_MAX such as 0/1/2) count every label > 0
+    as lesion; binary images (0/255, 16-bit 0/65535, JPEG-compressed masks) are thresholded at half their
+    range. Anything else is refused, naming its values: a lossless mask of a few gray levels other than
+    0 and full scale (0/38/75: a viewer's gray or RGB export of a palette label map) or one with no value
+    reaching the threshold would otherwise read as an empty mask.
+    """
+    arr, _ = _decode_mask(Path(path))
+    return (arr > 0).astype(np.uint8)
+
+
+def read_label_mask(path: str | Path) -> tuple[np.ndarray, bool]:
+    """Read a mask image keeping its labels: uint8 (H, W) and whether the file was a label map.
+
+    Palette indices, or 8/16-bit values all <= MASK_LABEL_MAX, are the labels (COVID-SemiSeg's multi-class
+    masks: 0 background, 1 ground-glass opacity, 2 consolidation). A binary image (0/255, 0/65535, JPEG)
+    reads as {0, 1}, exactly as :func:`read_mask`, and is not a label map: its 1 means "any lesion",
+    which a caller needing lesion types must refuse. Values are checked as read_mask checks them; a label
+    map with fractional or negative values is refused as well.
+
+    Returns:
+        (labels uint8 (H, W), True for a label map / False for a binary image).
+    """
+    path = Path(path)
+    arr, is_label_map = _decode_mask(path)
+    if is_label_map and arr.dtype.kind in "fi":  # float (mode F) or signed (mode I) files
+        bad = arr[(arr < 0) | (arr != np.round(arr))]
+        if bad.size:
+            raise InputError(f"{path}: mask values such as {float(bad[0]):g} are not labels 0..{MASK_LABEL_MAX}; "
+                             f"save the label map with whole-number labels")
+    return arr.astype(np.uint8), is_label_map
 
 
 def load_image_slice(path: str | Path, prep: dict) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from base import check_disjoint, exclusive_lock
-from data.transforms import IMAGE_SUFFIXES, InputError, case_name, nifti_gz_bytes, resize_masks
-from data.labels import TASK_OUTPUTS
+from base import atomic_write, check_disjoint, exclusive_lock
+from data.labels import TASK_OUTPUTS, structure_slug, task_masks
 from data.readers import read_case
-from engine.predict import Predictor, main_structure
-from engine.report_html import write_index_html, write_report_html
-from base import atomic_write
+from data.transforms import IMAGE_SUFFIXES, InputError, case_name, nifti_gz_bytes, resize_masks
+from engine.dicom_seg import check_dicom_input, check_source, mask_labels, write_dicom_seg
+from engine.predict import Predictor, lesion_types, main_structure, type_prediction
+from engine.report_html import MASK_COLOURS, OTHER_COLOUR, write_index_html, write_report_html
 from utils.helpers import mask_to_png, overlay, write_csv
 from utils.lungs import extract_lungs
 from utils.volumes import volume_report
@@ -32,10 +34,43 @@ MANIFEST = "infer_manifest.json"
 INDEX = "index.html"  # a batch's page linking every case's <case>_report.html
 LUNG_SOURCES = ("auto", "model", "hu")  # infer.py --lungs
 PNG_MARK = "infer.py lesion segmentation"  # "Software" text chunk of every PNG infer.py writes
+# infer.py --lesion: what a lesion-types checkpoint writes; "types" label masks (0 none, 1 ground-glass
+# opacity, 2 consolidation), "any" the union as a binary model's masks. A binary checkpoint writes the latter.
+LESION_MODES = ("types", "any")
 
 
-def montage(images: np.ndarray, masks: dict[str, np.ndarray], n: int = 6, cols: int = 3) -> np.ndarray:
-    """Overlays of the ``n`` axial slices with the most lesion (lesion red, lung green), tiled; uint8 RGB."""
+# ----------------------------------------------------------------------------- lesion types
+def output_types(task: str, lesion: str = "types") -> dict[str, int]:
+    """{type name: label value} of the lesion masks infer.py writes: the lesion types of a types task
+    (engine.evaluation.lesion_types, the values of data.labels.type_mask), or {} for binary lesion masks
+    (a binary task, or ``lesion="any"``)."""
+    if lesion not in LESION_MODES:
+        raise InputError(f"--lesion must be one of {', '.join(LESION_MODES)}, got {lesion!r}")
+    return lesion_types(task) if lesion == "types" else {}
+
+
+def type_colours(types: dict[str, int]) -> list[tuple[int, int, int]]:
+    """The colour of each lesion type, in label order: the report page's (engine.report_html.MASK_COLOURS)."""
+    return [MASK_COLOURS.get(structure_slug(name), OTHER_COLOUR) for name in sorted(types, key=types.get)]
+
+
+def type_label_map(probs: dict, task: str, threshold: float) -> np.ndarray:
+    """The lesion-type label map of probability maps: lesion where the union's probability is above
+    ``threshold`` (so its union is the mask a binary reading gives), each lesion pixel the type of higher
+    probability (engine.evaluation.type_prediction, the rule evaluation scores).
+
+    Shape: {name: (..., H, W) array or tensor} -> uint8 (..., H, W).
+    """
+    tensors = {k: torch.as_tensor(v)[None] for k, v in probs.items()}
+    return type_prediction(tensors, task, threshold)[0].numpy().astype(np.uint8)
+
+
+def montage(images: np.ndarray, masks: dict[str, np.ndarray], n: int = 6, cols: int = 3,
+            types: dict[str, int] | None = None) -> np.ndarray:
+    """Overlays of the ``n`` axial slices with the most lesion (lesion red, lung green), tiled; uint8 RGB.
+
+    ``types``: {type name: label value} when the lesion mask is a label map of lesion types, each type in
+    its colour (:func:`type_colours`)."""
     main = masks.get("lesion", masks.get("lung"))
     area = main.reshape(len(main), -1).sum(1)
     picks = sorted(np.argsort(-area, kind="stable")[:n])
@@ -44,7 +79,13 @@ def montage(images: np.ndarray, masks: dict[str, np.ndarray], n: int = 6, cols: 
     for z in picks:
         small = {k: resize_masks(m[z][None], size)[0].numpy() for k, m in masks.items()}
         tile = overlay(images[z], small.get("lung", np.zeros(size, np.uint8)), (60, 200, 60), 0.25)
-        tiles.append(overlay(tile, small.get("lesion", np.zeros(size, np.uint8))))
+        lesion = small.get("lesion", np.zeros(size, np.uint8))
+        if types:
+            for value, colour in zip(sorted(types.values()), type_colours(types)):
+                tile = overlay(tile, lesion == value, colour)
+            tiles.append(tile)
+        else:
+            tiles.append(overlay(tile, lesion))
     while len(tiles) % cols:
         tiles.append(np.zeros_like(tiles[0]))
     rows = [np.concatenate(tiles[i:i + cols], axis=1) for i in range(0, len(tiles), cols)]
@@ -58,12 +99,22 @@ def save_nifti_mask(mask: np.ndarray, like: nib.Nifti1Image, path: Path) -> None
 
 
 # ----------------------------------------------------------------------------- what infer.py may replace
-def save_marked_png(array: np.ndarray, path: Path) -> None:
-    """Save a uint8 (H, W) or (H, W, 3) array as PNG, atomically, marked as infer.py's (so a rerun may replace it)."""
+def save_marked_png(array: np.ndarray, path: Path, palette: list[tuple[int, int, int]] | None = None) -> None:
+    """Save a uint8 (H, W) or (H, W, 3) array as PNG, atomically, marked as infer.py's (so a rerun may replace it).
+
+    ``palette``: the colours of labels 1, 2, ... (0 black): a (H, W) label map saved as a palette PNG (mode
+    "P", as COVID-SemiSeg's multi-class masks), whose pixel values stay the labels and viewers show colours.
+    """
     info = PngInfo()
     info.add_text("Software", PNG_MARK)
+    if palette is None:
+        img = Image.fromarray(array)
+    else:
+        array = np.ascontiguousarray(array, dtype=np.uint8)
+        img = Image.frombytes("P", array.shape[::-1], array.tobytes())
+        img.putpalette([0, 0, 0] + [c for rgb in palette for c in rgb])
     with atomic_write(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
+        img.save(tmp, format="PNG", pnginfo=info)
 
 
 def written_by_infer(path: Path) -> bool:
@@ -86,11 +137,15 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def run_settings(checkpoint, predictor: Predictor, threshold: float, save_probs=None) -> dict:
-    """What a done case depends on besides its input: a rerun with other settings redoes every case."""
+def run_settings(checkpoint, predictor: Predictor, threshold: float, save_probs=None, lesion: str = "types") -> dict:
+    """What a done case depends on besides its input: a rerun with other settings redoes every case.
+
+    ``lesion`` (infer.py --lesion) is a setting of types checkpoints only, so binary runs keep their settings.
+    """
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
-    return {"checkpoints": [[str(Path(p).resolve()), *_stamp(p)] for p in paths], "threshold": threshold,
-            "tta": predictor.tta, "save_probs": str(Path(save_probs).resolve()) if save_probs else None}
+    settings = {"checkpoints": [[str(Path(p).resolve()), *_stamp(p)] for p in paths], "threshold": threshold,
+                "tta": predictor.tta, "save_probs": str(Path(save_probs).resolve()) if save_probs else None}
+    return {**settings, "lesion": lesion} if lesion_types(predictor.task) else settings
 
 
 class OutputFolder:
@@ -165,7 +220,7 @@ class OutputFolder:
             tmp.write_text(json.dumps(manifest, indent=1))
         if self.table:
             rows = [{"case": k, "file": c["input"], "status": c["status"], "error": c["error"] or "",
-                     **{n: v for n, v in (c["report"] or {}).items() if not isinstance(v, list)}}
+                     **{n: v for n, v in (c["report"] or {}).items() if not isinstance(v, (list, dict))}}
                     for k, c in self.cases.items()]
             columns = list(dict.fromkeys(col for r in rows for col in r))
             write_csv([{col: r.get(col, "") for col in columns} for r in rows], self.folder / "report.csv")
@@ -200,39 +255,75 @@ def lung_source(task: str, lungs: str = "auto") -> str:
     return "model" if has_head and lungs != "hu" else "hu"
 
 
+def _save_volume_mask(volume, mask: np.ndarray, path: Path) -> None:
+    """A display-orientation mask saved in the file's own voxel order and shape ((X, Y, Z) or (X, Y, Z, 1))."""
+    save_nifti_mask(volume.to_file_order(mask), volume.img, path)
+
+
 def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, threshold: float, checkpoint,
-                     series: str | None = None, lungs: str = "auto") -> dict:
+                     series: str | None = None, lungs: str = "auto", dicom_seg: bool = False,
+                     lesion: str = "types") -> dict:
     """Predict one volume and write its masks, report and montage into ``out``; returns the report.
 
     The lung mask is the model's or, per :func:`lung_source`, extracted from HU (utils.lungs, the predicted
-    lesions added); the report says which ("lung_source").
+    lesions added); the report says which ("lung_source"). ``dicom_seg``: also OUT/<case>_seg.dcm, the
+    masks as a DICOM SEG over the source series (engine.dicom_seg); NIfTI input is refused before any output.
+    A types checkpoint (``lesion`` "types", see :func:`output_types`) writes <case>_lesion.nii.gz as a
+    label map of the lesion types (1 ground-glass opacity, 2 consolidation), one DICOM SEG segment each, and
+    the report adds each type's mL and % of each lung (utils.volumes.type_report: ggo_ml, ggo_percent_left...).
     """
-    volume, images, masks = predictor.predict_volume(read_case(vol, prep=predictor.prep, series=series), threshold)
+    types = output_types(predictor.task, lesion)
+    if dicom_seg:
+        check_dicom_input(vol)
+    volume = read_case(vol, prep=predictor.prep, series=series)
+    if dicom_seg:
+        check_source(volume)
+    volume, images, masks = predictor.predict_volume(volume, threshold, types=bool(types))
+    # the masks of the mask kinds only: a types checkpoint asked for the union has per-type masks too
+    masks = {name: masks[name] for name in task_masks(predictor.task)}
     source = lung_source(predictor.task, lungs)
     if source == "hu":
         masks["lung"] = extract_lungs(volume.image, lesion=masks.get("lesion"))
     out.mkdir(parents=True, exist_ok=True)
-    for name, mask in masks.items():  # the mask keeps the file's own shape, (X, Y, Z) or (X, Y, Z, 1)
-        save_nifti_mask(volume.to_file_order(mask), volume.img, out / f"{case}_{name}.nii.gz")
-    report = {"case": case, "file": str(vol), "threshold": threshold,
-              "checkpoint": [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else str(checkpoint),
-              "shape": list(volume.file_shape), "spacing_mm": volume.spacing,
-              "lung_source": source,
-              **volume_report(masks.get("lesion"), masks.get("lung"), volume.voxel_ml, hu=volume.image)}
+    seg = {}
+    if dicom_seg:  # before the masks: a SEG that cannot be written leaves no half-written case
+        paths = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+        version = ", ".join(Path(c).name for c in paths)  # the algorithm's version: the checkpoint file names
+        seg = write_dicom_seg(masks, mask_labels(masks, source, types), volume, out / f"{case}_seg.dcm", version)
+    # the masks are compressed on threads (zlib releases the GIL: 1-2 s each at 512x512x300) while the report
+    # is computed; each file is written atomically, all of them before the report json, as before
+    checkpoints = [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else str(checkpoint)
+    with ThreadPoolExecutor(max_workers=len(masks)) as pool:
+        writes = [pool.submit(_save_volume_mask, volume, mask, out / f"{case}_{name}.nii.gz")
+                  for name, mask in masks.items()]
+        report = {"case": case, "file": str(vol), "threshold": threshold, "checkpoint": checkpoints,
+                  "shape": list(volume.file_shape), "spacing_mm": volume.spacing,
+                  "lung_source": source, **seg, **({"lesion_labels": types} if types else {}),
+                  **volume_report(masks.get("lesion"), masks.get("lung"), volume.voxel_ml, hu=volume.image,
+                                  types={structure_slug(name): value for name, value in types.items()})}
+        for done in writes:
+            done.result()  # a mask that failed to write fails the case here
     with atomic_write(out / f"{case}_report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
-    save_marked_png(montage(images, masks), out / f"{case}_montage.png")
+    save_marked_png(montage(images, masks, types=types), out / f"{case}_montage.png")
     write_report_html(volume.image, masks, report, out / f"{case}_report.html")
     pct = report["infection_percent"]
     print(f"{case}: lesion {report['lesion_ml'] or 0:.1f} mL"
           + (f", lung {report['lung_ml']:.1f} mL, infection {pct:.2f}% (left {report['infection_percent_left'] or 0:.2f}%, "
              f"right {report['infection_percent_right'] or 0:.2f}%)" if pct is not None else f"; {report.get('note', '')}"))
+    for name in types:
+        slug = structure_slug(name)
+        share = report[f"{slug}_percent"]
+        print(f"  {name}: {report[f'{slug}_ml']:.1f} mL" + (f", {share:.2f}% of the lungs (left "
+              f"{report[f'{slug}_percent_left'] or 0:.2f}%, right {report[f'{slug}_percent_right'] or 0:.2f}%)"
+              if share is not None else ""))
     return report
 
 
 def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshold: float,
                   checkpoint: str | Path, progress: bool = True, overwrite: bool = False,
-                  batch: bool | None = None, series: str | None = None, lungs: str = "auto") -> list[Path]:
+                  batch: bool | None = None, series: str | None = None, lungs: str = "auto",
+                  dicom_seg: bool = False, lesion: str = "types") -> list[Path]:
     """Masks, a report and a montage per volume; for a batch also OUT/report.csv.
 
     Writes OUT/<case>_lesion.nii.gz and/or OUT/<case>_lung.nii.gz (uint8, the scan's own shape, affine and
@@ -240,21 +331,26 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
     ``batch`` (default: several volumes) a volume that cannot be read is reported and the others go on;
     cases already done are skipped (see :class:`OutputFolder`). A volume is a NIfTI file or a DICOM series (a
     folder or a .zip; ``series`` picks one of several). ``lungs``: see :func:`lung_source`; a lung mask is
-    written for every volume, from HU where the checkpoint has no lung head. Returns the mask paths of the
-    done cases.
+    written for every volume, from HU where the checkpoint has no lung head. ``dicom_seg``: also
+    OUT/<case>_seg.dcm for DICOM input (see :func:`infer_one_volume`; a NIfTI volume fails as a bad input
+    does). ``lesion``: what a types checkpoint writes (see :func:`output_types`, :func:`infer_one_volume`).
+    Returns the mask paths of the done cases.
     """
     batch = len(volumes) > 1 if batch is None else batch
     cases = [v.name if v.is_dir() else case_name(v) for v in volumes]  # a DICOM folder: the folder's name
     clash = sorted({c for c in cases if cases.count(c) > 1})
     if clash:  # a.nii and a.nii.gz would write each other's masks
         raise InputError(f"{volumes[0].parent}: several volumes share the case name {clash[0]!r}; rename or move one")
-    names = tuple(dict.fromkeys(TASK_OUTPUTS[predictor.task] + ("lung",)))  # lungs from HU without a lung head
+    names = tuple(dict.fromkeys(task_masks(predictor.task) + ("lung",)))  # lungs from HU without a lung head
     lung_source(predictor.task, lungs)  # a bad --lungs fails before anything is written
+    output_types(predictor.task, lesion)  # and a bad --lesion
     outputs = {c: [out / f"{c}_{n}.nii.gz" for n in names] + [out / f"{c}_report.json", out / f"{c}_montage.png",
                                                              out / f"{c}_report.html"]
-               for c in cases}
-    folder = OutputFolder(out, {**run_settings(checkpoint, predictor, threshold), "lungs": lungs}, overwrite,
-                          table=batch)
+               + ([out / f"{c}_seg.dcm"] if dicom_seg else []) for c in cases}
+    # the key only when asked: runs without --dicom-seg keep their settings, and so their done cases
+    settings = {**run_settings(checkpoint, predictor, threshold, lesion=lesion), "lungs": lungs,
+                **({"dicom_seg": True} if dicom_seg else {})}
+    folder = OutputFolder(out, settings, overwrite, table=batch)
     todo = [(c, v) for c, v in zip(cases, volumes) if not folder.done(v.name, v)]
     folder.check([p for c, _ in todo for p in outputs[c]] + ([out / INDEX] if batch else []))
     if len(todo) < len(volumes):
@@ -269,7 +365,8 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
                 folder.save()  # from the start, the folder says it is incomplete
             for case, vol in tqdm(todo, desc="volumes", disable=True if (not progress or len(todo) <= 1) else None):
                 try:
-                    report = infer_one_volume(predictor, vol, case, out, threshold, checkpoint, series, lungs)
+                    report = infer_one_volume(predictor, vol, case, out, threshold, checkpoint, series, lungs,
+                                              dicom_seg, lesion)
                 except InputError as e:
                     if not batch:
                         raise
@@ -315,36 +412,66 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _write_image_outputs(path: Path, image: np.ndarray, probs: dict, main: str, threshold: float,
-                         mask_path: Path, overlay_path: Path, prob_path: Path | None) -> None:
-    mask = (probs[main] > threshold).astype(np.uint8)
-    save_marked_png(mask_to_png(mask), mask_path)
-    save_marked_png(overlay(image / max(float(image.max()), 1e-6), mask), overlay_path)
-    if prob_path is not None:  # 8-bit probability map, 0..255, named like the mask
-        save_marked_png(np.round(probs[main] * 255).astype(np.uint8), prob_path)
+def prob_paths(save_probs: str | Path | None, name: str, types: dict[str, int]) -> list[Path]:
+    """Where the 8-bit probability maps of one image go: PROB/<name> for a binary mask, PROB/<type>/<name>
+    per lesion type (data.labels.structure_slug: PROB/ggo/, PROB/consolidation/); none without --save-probs."""
+    if not save_probs:
+        return []
+    if not types:
+        return [Path(save_probs) / name]
+    return [Path(save_probs) / structure_slug(t) / name for t in types]
+
+
+def _write_image_outputs(image: np.ndarray, probs: dict, task: str, threshold: float, mask_path: Path,
+                         overlay_path: Path, probs_to: list[Path], types: dict[str, int]) -> None:
+    """One image's mask (binary 0/255, or with ``types`` a palette PNG of type labels), overlay and
+    probability maps (:func:`prob_paths`)."""
+    shown = image / max(float(image.max()), 1e-6)
+    if not types:
+        main = main_structure(task)
+        mask = (probs[main] > threshold).astype(np.uint8)
+        save_marked_png(mask_to_png(mask), mask_path)
+        save_marked_png(overlay(shown, mask), overlay_path)
+        maps = [probs[main]]
+    else:
+        labels = type_label_map(probs, task, threshold)
+        colours = type_colours(types)
+        save_marked_png(labels, mask_path, palette=colours)
+        shown = overlay(shown, np.zeros(labels.shape, bool))  # RGB uint8 even when no type is seen
+        for value, colour in zip(sorted(types.values()), colours):
+            shown = overlay(shown, labels == value, colour)
+        save_marked_png(shown, overlay_path)
+        maps = [probs[name] for name in types]
+    for prob, prob_path in zip(maps, probs_to):  # 8-bit probability maps, 0..255, named like the mask
+        save_marked_png(np.round(prob * 255).astype(np.uint8), prob_path)
 
 
 def infer_image_folder(predictor: Predictor, paths: list[Path], out: Path, threshold: float, checkpoint,
                        save_probs: str | Path | None = None, progress: bool = True,
-                       overwrite: bool = False) -> list[Path]:
+                       overwrite: bool = False, lesion: str = "types") -> list[Path]:
     """Masks OUT/<name>.png and overlays OUT/overlays/<name>.png for image files, as a batch.
+
+    A types checkpoint (``lesion`` "types", :func:`output_types`) writes label masks (palette PNGs: 0
+    background, 1 ground-glass opacity, 2 consolidation), overlays with a colour per type and, with
+    ``save_probs``, a probability map per type (:func:`prob_paths`); binary masks are white (255) lesion.
 
     After each image OUT/infer_manifest.json and OUT/report.csv say it is done (or failed, and why); an
     image that cannot be read does not stop the others; images already done are skipped (see
     :class:`OutputFolder`). Raises InputError at the end, naming each failed file, if any failed.
     Returns the mask paths of all done images.
     """
-    main = main_structure(predictor.task)
+    types = output_types(predictor.task, lesion)
     outputs = {p.name: [out / f"{p.stem}.png", out / "overlays" / f"{p.stem}.png"]
-               + ([Path(save_probs) / f"{p.stem}.png"] if save_probs else []) for p in paths}
-    folder = OutputFolder(out, run_settings(checkpoint, predictor, threshold, save_probs), overwrite, table=True)
+               + prob_paths(save_probs, f"{p.stem}.png", types) for p in paths}
+    folder = OutputFolder(out, run_settings(checkpoint, predictor, threshold, save_probs, lesion), overwrite,
+                          table=True)
     todo = [p for p in paths if not folder.done(p.name, p)]
     folder.check([f for p in todo for f in outputs[p.name]])
     if len(todo) < len(paths):
         print(f"skipping {len(paths) - len(todo)} image(s) already done in {out}/ (--overwrite redoes them)")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    if save_probs:
-        Path(save_probs).mkdir(parents=True, exist_ok=True)
+    for prob_dir in {p.parent for p in prob_paths(save_probs, "x.png", types)}:
+        prob_dir.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
 
     def on_error(path: Path, message: str) -> None:
@@ -357,9 +484,9 @@ def infer_image_folder(predictor: Predictor, paths: list[Path], out: Path, thres
         try:
             for path, image, probs in tqdm(predictor.predict_images(todo, on_error), total=len(todo), desc="infer",
                                            unit="img", disable=True if (not progress or len(todo) <= 1) else None):
-                mask_path, overlay_path, *prob_path = outputs[path.name]
-                _write_image_outputs(path, image, probs, main, threshold, mask_path, overlay_path,
-                                     prob_path[0] if prob_path else None)
+                mask_path, overlay_path, *probs_to = outputs[path.name]
+                _write_image_outputs(image, probs, predictor.task, threshold, mask_path, overlay_path, probs_to,
+                                     types)
                 folder.record(path.name, path, outputs[path.name], report={"mask": mask_path.name})
             written = [outputs[p.name][0] for p in paths if folder.done(p.name, p)]
             print(f"wrote {out}/ ({len(written)} of {len(paths)} masks done, overlays in {out}/overlays/, "
@@ -373,26 +500,27 @@ def infer_image_folder(predictor: Predictor, paths: list[Path], out: Path, thres
 
 # ----------------------------------------------------------------------------- one 2D image
 def infer_image(predictor: Predictor, src: Path, output: str | Path | None, threshold: float,
-                save_probs: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+                save_probs: str | Path | None = None, overwrite: bool = False, lesion: str = "types") -> list[Path]:
     """The mask of one image file (default prediction_mask.png) and its overlay (<mask>_overlay.png).
 
     ``output`` is the mask file, or a folder (an existing one, or a name without suffix) that gets
-    <name>.png. Returns [the mask path].
+    <name>.png. ``lesion``: what a types checkpoint writes (see :func:`infer_image_folder`). Returns [the
+    mask path].
     """
+    types = output_types(predictor.task, lesion)
     target = Path(output) if output else Path("prediction_mask.png")
     if target.is_dir() or not target.suffix:
         target = target / f"{src.stem}.png"
     overlay_path = target.with_name(target.stem + "_overlay.png")
-    prob_path = Path(save_probs) / target.name if save_probs else None
-    for path in filter(None, (target, overlay_path, prob_path)):
+    probs_to = prob_paths(save_probs, target.name, types)
+    for path in (target, overlay_path, *probs_to):
         check_disjoint(path, [src], "--output")
         if (path.exists() or path.is_symlink()) and not overwrite and not written_by_infer(path):
             raise _refuse(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if save_probs:
-        Path(save_probs).mkdir(parents=True, exist_ok=True)
-    main = main_structure(predictor.task)
-    for path, image, probs in predictor.predict_images([src]):
-        _write_image_outputs(path, image, probs, main, threshold, target, overlay_path, prob_path)
+    for folder in {p.parent for p in probs_to}:
+        folder.mkdir(parents=True, exist_ok=True)
+    for _, image, probs in predictor.predict_images([src]):
+        _write_image_outputs(image, probs, predictor.task, threshold, target, overlay_path, probs_to, types)
     print(f"wrote {target}")
     return [target]

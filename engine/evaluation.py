@@ -3,6 +3,8 @@
 Pooled figures come from TP/FP/FN/TN summed over the whole set; per-image and per-patient figures are
 mean +- sd over the images (patients) where the metric is defined (see utils.metrics). evaluate.py is the
 command line over :func:`evaluate` and :func:`evaluate_volumes`; cross-validation calls :func:`evaluate`.
+A types task (data.labels.TYPE_TASKS) is also scored per lesion type, on one label map of the types
+(:func:`type_prediction`), by utils.metrics.ClassMeter: results["classes"].
 """
 from __future__ import annotations
 
@@ -10,19 +12,24 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
-from data.labels import TASK_OUTPUTS, class_targets
+from data.labels import (IGNORE_INDEX, LESION_LABEL_NAMES, TASK_CLASS_INDICES, TASK_OUTPUTS, TYPE_TASKS,
+                         class_targets, structure_slug, task_masks, type_mask, type_values)
 from data.readers import find_cases, read_case, reader_for
-from data.transforms import InputError, image_files_note, is_nifti, read_mask, resize_images
-from engine.predict import Predictor, inference_model, main_structure, predict
+from data.transforms import InputError, image_files_note, is_nifti, resize_images
+from engine.batch import lung_source
+from engine.predict import Predictor, inference_model, lesion_types, main_structure, predict, type_prediction
 from models import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from base import atomic_write
 from utils.helpers import amp_dtype, plot_cases, resolve_device, write_csv
-from utils.metrics import METRICS, SegmentationMeter, finite_or_none, mean_sd, threshold_averaged_dice
+from utils.metrics import (METRICS, ClassMeter, SegmentationMeter, finite_or_none, mean_sd,
+                           threshold_averaged_dice)
+from utils.lungs import extract_lungs
 from utils.volumes import dice_3d, volume_report
 
 # Scores of the probability map itself, as the Inf-Net paper reports them (Fan et al., IEEE TMI 2020)
@@ -37,6 +44,61 @@ def _map_scores(prob: torch.Tensor, target: torch.Tensor) -> dict:
             "mae": float((prob.float().cpu() - truth).abs().mean())}
 
 
+# ----------------------------------------------------------------------------- lesion types
+# A types task (data.labels.TYPE_TASKS) is also scored as one label map of its lesion types, value i + 1 for
+# the i-th type of TASK_OUTPUTS (the values of data.labels.type_mask): per class, and their confusion.
+
+def type_target(target: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lesion-type label map of a types task's class-index target, and where it is to be ignored.
+
+    Shape: target (N, H, W) integer -> (int64 (N, H, W) in 0..len(types), bool (N, H, W)).
+    """
+    labels = torch.zeros(target.shape, dtype=torch.int64)
+    target = target.cpu()
+    for name, value in lesion_types(task).items():
+        labels[torch.isin(target, torch.tensor(TASK_CLASS_INDICES[task][name]))] = value
+    return labels, target == IGNORE_INDEX
+
+
+def _count_types(meter: ClassMeter, probs: dict[str, torch.Tensor], truth: torch.Tensor, ignore: torch.Tensor,
+                 task: str, threshold: float, groups: list[str] | None, maps: bool = True) -> torch.Tensor:
+    """Add a batch to a types task's ClassMeter; returns the predicted type label map.
+
+    Ignored pixels (IGNORE_INDEX) count as background both in truth and prediction, so they change no
+    class's TP, FP or FN (only its TN), and score 0 in the probability maps. ``maps``: also the Inf-Net
+    threshold-averaged Dice of each class's probability map.
+
+    Shape: probs {name: (N, H, W)}, truth (type_target) and ignore (N, H, W) -> int64 (N, H, W).
+    """
+    pred = type_prediction(probs, task, threshold).masked_fill_(ignore, 0)
+    scored = {name: probs[name].float().cpu().masked_fill(ignore, 0) for name in meter.classes} if maps else None
+    meter.update(pred, truth.masked_fill(ignore, 0), scored, groups)
+    return pred
+
+
+def format_class_table(summary: dict) -> str:
+    """The console table of a types task's per-class results (ClassMeter.summary()) and their confusion."""
+    lines = [f"{'lesion type':<24}{'pooled Dice':>12}{'per image Dice (mean ± sd, n)':>32}"
+             f"{'per patient Dice':>28}{'Inf-Net Dice':>14}   without it: n (with a false positive)"]
+    def fmt(m: dict | None) -> str:
+        return "-" if not m or m["mean"] is None else f"{m['mean']:.4f} ± {m['sd'] or 0:.4f} (n={m['n']})"
+    for name, c in summary["classes"].items():
+        pooled = c["pooled"]["dice"]
+        patient = c["per_patient"]["dice"] if c["per_patient"] else None
+        infnet = c["threshold_averaged_dice"]
+        infnet = "-" if not infnet or infnet["mean"] is None else f"{infnet['mean']:.4f}"
+        pooled = "-" if pooled is None else f"{pooled:.4f}"
+        lines.append(f"{name:<24}{pooled:>12}{fmt(c['per_image']['dice']):>32}{fmt(patient):>28}{infnet:>14}   "
+                     f"{c['absent']['n']} ({c['absent']['n_with_false_positive']})")
+    for truth, row in summary["called_as"].items():
+        if truth in summary["classes"]:
+            shares = ", ".join(f"{p} {s:.1%}" for p, s in row.items() if s is not None and p != truth)
+            lines.append(f"{truth} called: {shares or '-'}")
+    lines.append("Inf-Net Dice: threshold-averaged over each class's map, images without the class as 0 (its "
+                 "protocol); per-image Dice over the images with the class; the others counted apart")
+    return "\n".join(lines)
+
+
 ALL = "all"  # --split all: every pair of a folder that has no parts (Imgs/ + GT/, images/ + masks/)
 
 
@@ -48,12 +110,13 @@ def _pair_parts(data: Path) -> list[str]:
     return sorted(parts)
 
 
-def pair_dirs_to_score(data: str | Path, split: str | None) -> tuple[tuple[Path, Path], str]:
+def pair_dirs_to_score(data: str | Path, split: str | None, task: str = "lesion") -> tuple[tuple[Path, Path], str]:
     """The (images, masks) folders of a pair folder to score, and the split they are.
 
     A folder with parts (train/val/test) is scored on ``split`` (default "test"); one unsplit set of pairs
     (Imgs/ + GT/, images/ + masks/) on all of them, as ``split`` None or "all". Anything else, a requested
     part that is not there above all, raises InputError naming what the folder holds: never another part.
+    ``task``: a types task finds COVID-SemiSeg's multi-class masks (data.dataset.find_pair_dirs).
     """
     data = Path(data)
     parts = _pair_parts(data) if data.is_dir() else []
@@ -62,8 +125,8 @@ def pair_dirs_to_score(data: str | Path, split: str | None) -> tuple[tuple[Path,
         if want not in parts:
             raise InputError(f"{data}: no {want!r} part of image-mask pairs (it has {', '.join(parts)}); "
                              f"choose one with --split")
-        return find_pair_dirs(data, want), want
-    dirs = find_pair_dirs(data, ALL)  # the unsplit layouts; part names do not apply to them
+        return find_pair_dirs(data, want, task), want
+    dirs = find_pair_dirs(data, ALL, task)  # the unsplit layouts; part names do not apply to them
     if dirs is None:
         raise InputError(f"{data}: neither a preprocessed folder (images.npy) nor a folder of image-mask pairs "
                          f"(PART_images/ + PART_masks/, PART/images/ + PART/masks/, Imgs/ + GT/ or images/ + masks/)")
@@ -73,6 +136,19 @@ def pair_dirs_to_score(data: str | Path, split: str | None) -> tuple[tuple[Path,
     return dirs, ALL
 
 
+def other_labels(ckpt: dict) -> str:
+    """What the checkpoint's run made of lesion labels that are no type: "background" (the default) or
+    "ignore" (data.labels.OTHER_LABELS); the evaluated targets are made the same way."""
+    return ckpt.get("other_labels") or ckpt.get("args", {}).get("other_labels") or "background"
+
+
+def pair_dataset(pairs: list[tuple[Path, Path]], ckpt: dict, where: str | Path) -> PairFolderDataset:
+    """The dataset of image-mask pairs for a checkpoint: lesion masks, or label masks for a types task."""
+    if task_masks(ckpt["task"]) != ("lesion",):
+        raise InputError(f"{where}: image-mask pairs hold lesion masks; this checkpoint predicts {ckpt['task']}")
+    return PairFolderDataset(pairs, ckpt["preprocessing"], task=ckpt["task"], other_labels=other_labels(ckpt))
+
+
 def load_eval_dataset(data: str | Path, split: str | None, ckpt: dict):
     """The dataset to score and the split it is: a split of a preprocessed folder (default "test"), or
     pairs of a pair folder (see :func:`pair_dirs_to_score`)."""
@@ -80,17 +156,15 @@ def load_eval_dataset(data: str | Path, split: str | None, ckpt: dict):
     prep = ckpt["preprocessing"]
     if (data / "images.npy").is_file():
         split = split or "test"
-        ds = SliceArrayDataset(data, None if split == ALL else split, ckpt["task"])
+        ds = SliceArrayDataset(data, None if split == ALL else split, ckpt["task"], other_labels=other_labels(ckpt))
         mine = {k: ds.preprocessing.get(k) for k in ("size", "norm", "window")}
         theirs = {k: prep.get(k) for k in ("size", "norm", "window")}
         if mine != theirs:
             raise InputError(f"{data} was preprocessed with {mine}, the checkpoint was trained on {theirs}; "
                              f"preprocess the volumes again with the checkpoint's settings")
         return ds, split
-    dirs, split = pair_dirs_to_score(data, split)
-    if ckpt["task"] != "lesion":
-        raise InputError(f"{data}: image-mask pairs hold lesion masks; this checkpoint predicts {ckpt['task']}")
-    return PairFolderDataset(pair_files(*dirs), prep), split
+    dirs, split = pair_dirs_to_score(data, split, ckpt["task"])
+    return pair_dataset(pair_files(*dirs), ckpt, data), split
 
 
 def aggregate(meter: SegmentationMeter) -> tuple[dict, list[dict]]:
@@ -129,12 +203,29 @@ def format_table(name: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def _count(meters: dict[str, SegmentationMeter], classes: ClassMeter | None, probs: dict[str, torch.Tensor],
+           target: torch.Tensor, task: str, main: str, threshold: float, cases: list[str] | None) -> list[dict]:
+    """Add a batch of probabilities {structure: (N, H, W)} and its class-index target (N, H, W) to the
+    meters (and to a types task's ClassMeter); returns the main structure's map scores per image."""
+    if classes is not None:
+        truth, ignore = type_target(target, task)
+        _count_types(classes, probs, truth, ignore, task, threshold, cases)
+        # ignored pixels are no false positive of any structure: the loss did not learn them either
+        probs = {k: v.masked_fill(ignore, 0) for k, v in probs.items()}
+    targets = class_targets(target, task)
+    for n, meter in meters.items():
+        meter.update(probs[n], targets[n], threshold, cases)
+    return [_map_scores(p, t) for p, t in zip(probs[main], targets[main])]
+
+
 def _score(model, ds, task: str, names: list[str], main: str, dev, dtype, tta: bool, threshold: float,
-           batch_size: int, progress: bool) -> tuple[dict[str, SegmentationMeter], list[dict]]:
-    """Predict every item of ``ds`` in batches and count it: {structure: meter}, and per image of the main
-    structure its probability-map scores (:func:`_map_scores`). Pairs are scored at each mask's own size."""
+           batch_size: int, progress: bool) -> tuple[dict[str, SegmentationMeter], list[dict], ClassMeter | None]:
+    """Predict every item of ``ds`` in batches and count it: {structure: meter}, per image of the main
+    structure its probability-map scores (:func:`_map_scores`), and for a types task its ClassMeter (else
+    None). Pairs are scored at each mask's own size."""
     pairs = isinstance(ds, PairFolderDataset)
     meters = {n: SegmentationMeter() for n in names}
+    classes = ClassMeter(lesion_types(task)) if task in TYPE_TASKS else None
     extras = []  # per image of the main structure: threshold-averaged Dice and MAE of the probability map
     for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", unit="batch", disable=None if progress else True):
         idx = list(range(start, min(start + batch_size, len(ds))))
@@ -145,20 +236,16 @@ def _score(model, ds, task: str, names: list[str], main: str, dev, dtype, tta: b
             items = [ds[i] for i in idx]
             images, masks = torch.stack([x for x, _ in items]), torch.stack([m for _, m in items])
         probs = {k: v.float().cpu() for k, v in predict(model, images, task, dev, dtype, tta).items()}
-        cases = [ds.case_of(i) for i in idx]
         if pairs:  # score at each mask's own resolution
             for j, i in enumerate(idx):
                 shape = loaded[j][2]
-                prob = resize_images(probs[main][j:j + 1], shape).clamp_(0, 1)
-                target = torch.from_numpy(read_mask(ds.pairs[i][1]))[None]
-                meters[main].update(prob, target, threshold)
-                extras.append(_map_scores(prob[0], target[0]))
+                one = {n: resize_images(probs[n][j:j + 1], shape).clamp_(0, 1) for n in names}
+                target = torch.from_numpy(ds.read_target(ds.pairs[i][1]))[None]
+                extras.extend(_count(meters, classes, one, target, task, main, threshold, None))
         else:
-            targets = class_targets(masks, task)
-            for n in names:
-                meters[n].update(probs[n], targets[n], threshold, cases)
-            extras.extend(_map_scores(p, t) for p, t in zip(probs[main], targets[main]))
-    return meters, extras
+            cases = [ds.case_of(i) for i in idx]
+            extras.extend(_count(meters, classes, probs, masks, task, main, threshold, cases))
+    return meters, extras, classes
 
 
 @torch.no_grad()
@@ -183,9 +270,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
     dtype = amp_dtype(dev, amp)
     model = inference_model(model_from_checkpoint(ckpt, checkpoint), dev)
     if pairs is not None:
-        if task != "lesion":
-            raise InputError(f"image-mask pairs hold lesion masks; {checkpoint} predicts {task}")
-        ds, split = PairFolderDataset(pairs, ckpt["preprocessing"]), split or "pairs"
+        ds, split = pair_dataset(pairs, ckpt, checkpoint), split or "pairs"
     else:
         ds, split = load_eval_dataset(data, split, ckpt)
     pairs = isinstance(ds, PairFolderDataset)
@@ -195,7 +280,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
         print(note)
     names = list(TASK_OUTPUTS[task])
     main = main_structure(task)
-    meters, extras = _score(model, ds, task, names, main, dev, dtype, tta, threshold, batch_size, progress)
+    meters, extras, classes = _score(model, ds, task, names, main, dev, dtype, tta, threshold, batch_size, progress)
     results = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
                "threshold": threshold, "tta": tta, "task": task, "structures": {}}
     per_image_rows = []
@@ -213,6 +298,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
             row.update({k: r.get(k, "") for k in ("empty_gt", "tp", "fp", "fn", "tn") + METRICS + MAP_METRICS})
             per_image_rows.append(row)
         print(format_table(n, res))
+    if classes is not None:  # the label map of the lesion types (type_prediction), per class
+        results["classes"] = classes.summary()
+        print(format_class_table(results["classes"]))
 
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
@@ -244,16 +332,31 @@ def _figure(model, ds, rows, main, task, dev, dtype, threshold, n, path, tta=Fal
     plot_cases(imgs, gts, preds, titles, path)
 
 
+def slice_dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """Mean Dice of the binary masks (pred > 0 vs truth > 0) over the slices where the truth has the
+    structure (the per-slice figure lung-mask tools report); None when no slice has it.
+
+    Shape: (Z, H, W) each."""
+    pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
+    scores = [dice_3d(p, t) for p, t in zip(pred, truth) if t.any()]
+    return float(np.mean(scores)) if scores else None
+
+
 def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path | None = None,
                      threshold: float = 0.5, device: str = "auto", amp: str = "auto", batch_size: int = 8,
-                     splits: str | Path | None = None, split: str | None = None, progress: bool = True) -> dict:
+                     splits: str | Path | None = None, split: str | None = None, progress: bool = True,
+                     lungs: str = "auto") -> dict:
     """Score a checkpoint on whole NIfTI volumes with ground truth: per-patient 3D Dice of lesion and lung,
-    and the absolute error of the infection percentage, at the scans' own resolution.
+    the mean lung Dice over the slices that hold lung, and the absolute error of the infection percentage,
+    at the scans' own resolution.
 
     Args:
         data: a folder of volumes in a layout data.preprocess reads, with lesion (and lung) masks.
         splits: optional splits.json (by patient) restricting the cases to its ``split`` part (default
             "test"); without it every volume is scored, and a ``split`` other than "all" is an error.
+        lungs: where the predicted lungs come from, as infer.py's --lungs (engine.batch.lung_source): the
+            model's lung head, or the lungs from HU (utils.lungs, the predicted lesions added), so the HU
+            lungs can be scored against expert lung masks.
     """
     cases = find_cases(data)
     if cases[0].lesion is None:
@@ -272,29 +375,43 @@ def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path |
     for case in cases:  # every mask on its image's grid before any prediction (the voxels are checked below)
         read_case(case.image, case.lung, case.lesion, voxels=False)
     predictor = Predictor(checkpoint, device, amp, batch_size)
+    source = lung_source(predictor.task, lungs)
+    types = lesion_types(predictor.task)
+    classes = ClassMeter(types) if types else None
     rows = []
     for case in tqdm(cases, desc="volumes", unit="vol", disable=None if progress else True):
         # the ground truth is read with preprocessing's own checks: grid, orientation, labels 0..255
         vol = read_case(case.image, case.lung, case.lesion, predictor.prep)
-        _, _, masks = predictor.predict_volume(vol, threshold)
-        lesion, lung = vol.masks["lesion"] > 0, vol.masks.get("lung")
+        if classes is None:
+            _, _, masks = predictor.predict_volume(vol, threshold)
+            lesion, type_row = vol.masks["lesion"] > 0, {}
+        else:
+            masks, lesion, type_row = _volume_types(predictor, vol, case, classes, threshold)
+        if source == "hu":
+            masks["lung"] = extract_lungs(vol.image, lesion=masks.get("lesion"))
+        lung = vol.masks.get("lung")
         voxel_ml = vol.voxel_ml
         truth = volume_report(lesion, lung, voxel_ml)
         pred = volume_report(masks.get("lesion"), masks.get("lung"), voxel_ml)
         row = {"case": case.name, "lesion_dice_3d": dice_3d(masks["lesion"], lesion) if "lesion" in masks else None,
                "lung_dice_3d": dice_3d(masks["lung"], lung) if ("lung" in masks and lung is not None) else None,
+               "lung_dice_slices": slice_dice(masks["lung"], lung) if ("lung" in masks and lung is not None) else None,
+               "lung_source": source,
                "lesion_ml_true": truth["lesion_ml"], "lesion_ml_pred": pred["lesion_ml"],
                "infection_percent_true": truth["infection_percent"], "infection_percent_pred": pred["infection_percent"]}
         both = row["infection_percent_true"] is not None and row["infection_percent_pred"] is not None
         row["infection_percent_abs_error"] = (abs(row["infection_percent_pred"] - row["infection_percent_true"])
                                               if both else None)
-        rows.append(row)
-    summary = {key: mean_sd(r[key] for r in rows)
-               for key in ("lesion_dice_3d", "lung_dice_3d", "infection_percent_abs_error")}
+        rows.append({**row, **type_row})
+    keys = ["lesion_dice_3d", "lung_dice_3d", "lung_dice_slices", "infection_percent_abs_error"]
+    keys += [f"{structure_slug(name)}_dice_3d" for name in types]
+    summary = {key: mean_sd(r[key] for r in rows) for key in keys}
     split = split if splits else ALL
     results = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "threshold": threshold, "kind": "volumes",
                "rule": "3D Dice over each whole volume at its own resolution; nan (excluded) when the volume "
                        "has no lesion and none is predicted", "summary": summary, "patients": rows}
+    if classes is not None:  # per slice, and per volume as its patient; no Inf-Net figure (a 2D slice protocol)
+        results["classes"] = classes.summary()
     print(f"{'case':<24}{'lesion Dice':>12}{'lung Dice':>11}{'infection % true':>18}{'pred':>8}{'|error|':>9}")
     fmt = lambda v, f="{:.4f}": "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)  # noqa: E731
     for r in rows:
@@ -303,6 +420,8 @@ def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path |
               f"{fmt(r['infection_percent_abs_error'], '{:.2f}'):>9}")
     for key, m in summary.items():
         print(f"{key}: {fmt(m['mean'])} ± {fmt(m['sd'])} (n={m['n']})")
+    if classes is not None:
+        print(format_class_table(results["classes"]))
     out = Path(out) if out else Path(checkpoint).parent / ("eval-volumes" if split == ALL else f"eval-volumes-{split}")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "results.json") as tmp:
@@ -310,6 +429,35 @@ def evaluate_volumes(checkpoint: str | Path, data: str | Path, out: str | Path |
     write_csv(rows, out / "per_patient.csv")
     print(f"wrote {out}/results.json, per_patient.csv")
     return results
+
+
+def _volume_types(predictor: Predictor, vol, case, meter: ClassMeter, threshold: float):
+    """Predict one volume of a types task and add its lesion types to ``meter`` (its slices, the volume as
+    one patient).
+
+    Returns:
+        ({name: uint8 mask (Z, H, W)} as Predictor.predict_volume gives them, the true lesion (the union of
+        the types; labels that are no type are background, or left out where the checkpoint ignores them),
+        {"<type>_dice_3d", "<type>_ml_true", "<type>_ml_pred"} of each type for the volume's row).
+    """
+    try:  # the lesion labels as the volume's layout documents them (data.labels.LESION_LABEL_NAMES)
+        values = type_values({name: int(v) for v, name in LESION_LABEL_NAMES.get(case.layout, {}).items()})
+    except ValueError as e:
+        raise InputError(f"{case.lesion}: lesion masks of the {case.layout!r} layout: {e}") from None
+    truth = torch.from_numpy(type_mask(vol.masks["lesion"], values, other_labels(predictor.ckpt))).long()
+    ignore = truth == IGNORE_INDEX
+    _, _, probs = predictor.volume_probs(vol)  # predict_volume thresholds each structure alone
+    masks = {name: (p > threshold).numpy().astype(np.uint8) for name, p in probs.items()}
+    pred = _count_types(meter, probs, truth, ignore, predictor.task, threshold, [case.name] * len(truth), maps=False)
+    truth = truth.masked_fill(ignore, 0)
+    masks[main_structure(predictor.task)][ignore.numpy()] = 0  # ignored voxels are no false positive
+    row = {}
+    for name, value in meter.classes.items():
+        slug = structure_slug(name)
+        row[f"{slug}_dice_3d"] = dice_3d((pred == value).numpy(), (truth == value).numpy())
+        row[f"{slug}_ml_true"] = float((truth == value).sum()) * vol.voxel_ml
+        row[f"{slug}_ml_pred"] = float((pred == value).sum()) * vol.voxel_ml
+    return masks, (truth > 0).numpy(), row
 
 
 def is_volume_folder(data: str | Path) -> bool:

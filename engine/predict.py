@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.labels import TASK_CLASS_INDICES, TASK_OUTPUTS
+from data.labels import TASK_CLASS_INDICES, TASK_OUTPUTS, TYPE_TASKS, task_masks
+from data.look import present_volume, restore_volume
 from data.readers import Volume, read_case
-from data.transforms import InputError, load_image_slice, prepare_slices, read_image, resize_images
+from data.transforms import InputError, load_image_slice, normalize, read_image, resize_images
 from models import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.helpers import amp_dtype, autocast, resolve_device
@@ -23,6 +24,29 @@ def main_structure(task: str) -> str:
     one, else its only output."""
     names = TASK_OUTPUTS[task]
     return "lesion" if "lesion" in names else names[0]
+
+
+def lesion_types(task: str) -> dict[str, int]:
+    """{type name: label value} of the lesion types a task tells apart; {} for a binary task.
+
+    The names are the task's outputs that are not mask kinds (data.labels.TASK_OUTPUTS, task_masks).
+    """
+    if task not in TYPE_TASKS:
+        return {}
+    types = [n for n in TASK_OUTPUTS[task] if n not in task_masks(task)]
+    return {name: i + 1 for i, name in enumerate(types)}
+
+
+def type_prediction(probs: dict[str, torch.Tensor], task: str, threshold: float = 0.5) -> torch.Tensor:
+    """The predicted lesion-type label map: lesion where the union's probability is above ``threshold``
+    (so its union is exactly the "lesion" mask), each lesion pixel the type of highest probability.
+
+    Shape: probs {name: (N, H, W)} (engine.predict.class_probs) -> int64 (N, H, W), 0 no lesion.
+    """
+    types = lesion_types(task)
+    stacked = torch.stack([probs[name].float().cpu() for name in types])
+    best = stacked.argmax(0) + 1  # ties go to the first type, as argmax does
+    return torch.where(probs[main_structure(task)].cpu() > threshold, best, 0)
 
 
 def class_probs(logits: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
@@ -138,19 +162,32 @@ class Predictor:
                 yield path, read_image(path), {k: resize_images(v[j:j + 1], shape)[0].clamp_(0, 1).numpy()
                                                for k, v in probs.items()}
 
-    def predict_volume(self, volume: str | Path | Volume, threshold: float = 0.5):
-        """Predict a volume: a file path (read by data.readers.read_case), or a Volume already read.
+    def volume_probs(self, volume: str | Path | Volume):
+        """Probability maps of a volume: a file path (read by data.readers.read_case), or a Volume already read.
+
+        The slices are shown to the models in the look of their training slices (data.look.present_volume:
+        for a model trained on cropped 8-bit files, the window and crop it learned from); the probabilities
+        go back to the full slices, 0 outside the crop.
 
         Returns:
-            (the Volume, preprocessed slices (Z, S, S), {name: uint8 mask (Z, H, W)}), the masks in
-            display orientation at the scan's in-plane size (see data.transforms.to_axial_slices).
+            (the Volume, its slices (Z, S, S) in [0, 1] at full field of view for figures, {name: float32
+            (Z, H, W)}), the maps in display orientation at the scan's in-plane size (see
+            data.transforms.to_axial_slices).
         """
         vol = volume if isinstance(volume, Volume) else read_case(volume, prep=self.prep)
-        images = prepare_slices(vol.image, self.prep)
-        probs = self.probs(images)
-        shape = vol.image.shape[1:]
-        masks = {}
-        for name, p in probs.items():  # upsample in chunks: a 512x512x300 float volume is 300 MB
-            masks[name] = torch.cat([resize_images(p[i:i + 32], shape) > threshold
-                                     for i in range(0, len(p), 32)]).numpy().astype(np.uint8)
-        return vol, images.numpy(), masks
+        shown, box = present_volume(vol.image, self.prep)
+        probs = {name: restore_volume(p, box, vol.image.shape) for name, p in self.probs(shown).items()}
+        look = self.prep.get("look")
+        images = shown if not look else resize_images(normalize(vol.image, "window", look["window"]), self.prep["size"])
+        return vol, images.numpy(), probs
+
+    def predict_volume(self, volume: str | Path | Volume, threshold: float = 0.5, types: bool = False):
+        """:meth:`volume_probs` thresholded: {name: uint8 mask (Z, H, W)} in place of the maps. With ``types``
+        (a types task), "lesion" is the label map of the lesion types (:func:`type_prediction`) and the
+        types' own maps are not returned."""
+        vol, images, probs = self.volume_probs(volume)
+        kinds = task_masks(self.task) if types else probs
+        masks = {name: (probs[name] > threshold).numpy().astype(np.uint8) for name in kinds}
+        if types:
+            masks["lesion"] = type_prediction(probs, self.task, threshold).numpy().astype(np.uint8)
+        return vol, images, masks

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from base import InputError
 from data.dataset import PairAugment, PairFolderDataset, SliceArrayDataset, dataset_bytes, find_pair_dirs, pair_files
-from data.labels import TASK_CLASSES
+from data.labels import IGNORE_INDEX, TASK_CLASSES, TYPE_TASKS, class_targets, structure_slug, task_masks
+from data.look import describe_images
 from data.split_data import kfold
 from data.transforms import make_preprocessing
-from data.labels import class_targets
 from engine.predict import class_probs, main_structure
 from utils import distributed
 from utils.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -48,14 +48,18 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 # ----------------------------------------------------------------------------- factories
 def default_loss(model: str, task: str) -> str:
-    return "bce_dice" if (model == "unet" and task != "lung+lesion") else "ce_dice"
+    """--loss when none is given: bce_dice for the U-Net on a two-class task, else ce_dice."""
+    return "bce_dice" if (model == "unet" and TASK_CLASSES[task] == 2) else "ce_dice"
 
 
-def build_loss(name: str, task: str, batch_dice: bool = True) -> tuple[Callable, int]:
+def build_loss(name: str, task: str, batch_dice: bool = True,
+               class_weights: Sequence[float] | None = None) -> tuple[Callable, int]:
     """The criterion of ``--loss name`` for a task, and the output channels the model needs for it.
 
     The loss's mode (binary: one sigmoid channel; multiclass: one softmax channel per class) is decided
-    by :func:`utils.losses.loss_mode`, and the channels by :func:`utils.losses.output_channels`.
+    by :func:`utils.losses.loss_mode`, and the channels by :func:`utils.losses.output_channels`. A types
+    task's criterion skips the pixels labelled data.labels.IGNORE_INDEX (``--other-labels ignore``);
+    ``class_weights`` (one per class, see :func:`class_weights`) weigh its cross-entropy.
 
     Returns:
         (criterion(outputs, target) -> scalar, output channels)
@@ -65,7 +69,33 @@ def build_loss(name: str, task: str, batch_dice: bool = True) -> tuple[Callable,
         mode = loss_mode(name, classes)
     except ValueError:
         raise InputError(f"--loss {name} is binary; task {task!r} has {classes} classes: use ce or ce_dice") from None
-    return get_loss(name, mode, classes, batch_dice=batch_dice), output_channels(mode, classes)
+    if class_weights is not None and name not in ("ce", "ce_dice"):
+        raise InputError(f"--class-weights weigh the cross-entropy: use --loss ce or ce_dice, not {name}")
+    ignore = IGNORE_INDEX if task in TYPE_TASKS else None
+    criterion = get_loss(name, mode, classes, batch_dice=batch_dice, ignore_index=ignore, class_weights=class_weights)
+    return criterion, output_channels(mode, classes)
+
+
+def class_weights(dataset, num_classes: int) -> list[float]:
+    """Cross-entropy weights from a training set's class frequencies: 1 / sqrt(frequency) per class.
+
+    The square root tempers plain inverse frequency, whose weight for a class at 0.1% of the pixels
+    (consolidation) would be 1000x background's; CE's weighted mean makes the scale irrelevant, so the
+    weights are divided by background's. A class absent from the set gets the largest present weight.
+    Reads every training item once (flips and turns do not change the counts; IGNORE_INDEX is not counted).
+
+    Returns:
+        num_classes weights, background first.
+    """
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for i in range(len(dataset)):
+        target = np.asarray(dataset[i][1]).ravel()
+        counts += np.bincount(target[target != IGNORE_INDEX], minlength=num_classes)[:num_classes]
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = 1 / np.sqrt(counts[present] / counts.sum())
+    weights[~present] = weights.max() if present.any() else 1.0
+    return [float(w) for w in weights / weights[0]]
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -105,7 +135,8 @@ def checks_loss_each_step(device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------- data
 def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, seed: int, augment: str,
-                   folds: int = 0, fold: int = 0):
+                   folds: int = 0, fold: int = 0, look_window=None, look_crop: str | None = None, log=print,
+                   other_labels: str = "background"):
     """Training and validation datasets from either data kind, and the preprocessing record they share.
 
     ``augment`` other than "none" gives the training items flips, 90-degree turns and intensity jitter
@@ -113,6 +144,14 @@ def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, 
 
     With ``folds`` > 0 (pair folders), validation is fold ``fold`` of a seeded K-fold partition of the
     pairs and training the other folds.
+
+    Pair folders' preprocessing record holds their look (data.look.describe_images: the HU window and crop
+    the image files show, measured on all of the folder's images, so every fold records the same, unless
+    ``look_window`` / ``look_crop`` give it); ``log`` gets the line saying how it was found.
+
+    The types tasks (data.labels.TYPE_TASKS) read the lesion labels (pair folders: label or palette masks,
+    COVID-SemiSeg's MultiClassInfection-Train/GT); ``other_labels`` says what a lesion label that is no type
+    becomes ("background", or "ignore": data.labels.IGNORE_INDEX, skipped by the loss and validation).
 
     Returns:
         (train_set, val_set, preprocessing record, "arrays" | "pairs")
@@ -123,18 +162,25 @@ def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, 
         if folds:
             raise InputError(f"{data}: --folds is for folders of image-mask pairs; preprocessed volumes are split "
                              f"by patient with data.split_data")
-        train = SliceArrayDataset(data, "train", task, aug)
-        return train, SliceArrayDataset(data, "val", task), train.preprocessing, "arrays"
-    if find_pair_dirs(data, "train") is None:
+        if look_window is not None or look_crop is not None:
+            raise InputError(f"{data}: --look-window/--look-crop describe image files; preprocessed volumes are "
+                             f"in HU, their look is their preprocessing")
+        train = SliceArrayDataset(data, "train", task, aug, other_labels=other_labels)
+        return train, SliceArrayDataset(data, "val", task, other_labels=other_labels), train.preprocessing, "arrays"
+    if find_pair_dirs(data, "train", task) is None:
         raise InputError(f"{data}: no training data. Make the synthetic default with `make demo`, or run "
                          f"`python -m data.synthetic --out data/synthetic && python -m data.preprocess "
                          f"--src data/synthetic --out {data} && python -m data.split_data --data {data}`; "
                          f"or point --data at a folder of image-mask pairs (train_images/ + train_masks/, Imgs/ + GT/)")
-    if task != "lesion":
+    if task_masks(task) != ("lesion",):
         raise InputError(f"{data}: image-mask pair folders hold lesion masks only; --task {task} needs preprocessed volumes")
-    prep = make_preprocessing(size, "minmax")
-    train_dirs, val_dirs = find_pair_dirs(data, "train"), find_pair_dirs(data, "val")
+    train_dirs, val_dirs = find_pair_dirs(data, "train", task), find_pair_dirs(data, "val", task)
     train_pairs = pair_files(*train_dirs)
+    every = train_pairs + (pair_files(*val_dirs) if val_dirs is not None and val_dirs != train_dirs else [])
+    look, how = describe_images([image for image, _ in every], look_window, look_crop)
+    if how:
+        log(how)
+    prep = {**make_preprocessing(size, "minmax"), "look": look}
     if folds:  # cross-validation over every pair of the folder
         if val_dirs is not None and val_dirs != train_dirs:
             train_pairs += pair_files(*val_dirs)
@@ -150,7 +196,8 @@ def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, 
             raise InputError(f"{train_dirs[0]}: {len(train_pairs)} pair(s) are too few to hold out a validation part")
         val_pairs = [train_pairs[i] for i in sorted(order[:n_val])]
         train_pairs = [train_pairs[i] for i in sorted(order[n_val:])]
-    return (PairFolderDataset(train_pairs, prep, aug), PairFolderDataset(val_pairs, prep), prep, "pairs")
+    return (PairFolderDataset(train_pairs, prep, aug, task=task, other_labels=other_labels),
+            PairFolderDataset(val_pairs, prep, task=task, other_labels=other_labels), prep, "pairs")
 
 
 def data_on_device(choice: bool | None, device: torch.device, *datasets) -> bool:
@@ -305,7 +352,10 @@ def validate(model, loader, criterion, task: str, device, dtype, threshold: floa
     Under torchrun each rank scores its own share of the validation set and the loss and TP/FP/FN/TN
     counts are summed over ranks, so the figures are those of the whole set. ``score`` ranks epochs for
     best_model.pth: the mean Dice of the structures present in the validation ground truth, or minus the
-    loss when none is (a validation set without lesion has no Dice).
+    loss when none is (a validation set without lesion has no Dice). For a types task those structures are
+    its classes (lung, ground-glass opacity, consolidation), not the lesion union, which would count the
+    lesions twice: a rare type (consolidation) weighs as much as a common one, as in the per-class figures
+    the types are judged by. Pixels labelled IGNORE_INDEX count in no score (nor in the loss).
     """
     model.eval()
     names = list(class_targets(torch.zeros(1, 1, 1, dtype=torch.long), task))
@@ -319,6 +369,9 @@ def validate(model, loader, criterion, task: str, device, dtype, threshold: floa
         total += criterion(logits, masks) * len(images)
         n += len(images)
         probs, targets = class_probs(logits, task), class_targets(masks, task)
+        if task in TYPE_TASKS:  # ignored pixels: predicted and true nowhere, so no TP, FP or FN
+            kept = masks != IGNORE_INDEX
+            probs = {name: p * kept for name, p in probs.items()}
         for name, meter in meters.items():
             meter.update(probs[name], targets[name], threshold)
     counts = [[m.pooled()[k] for k in ("tp", "fp", "fn", "tn")] for m in meters.values()]
@@ -327,12 +380,14 @@ def validate(model, loader, criterion, task: str, device, dtype, threshold: floa
     loss = summed[0] / max(summed[1], 1)
     per = {name: [int(v) for v in summed[2 + 4 * i: 6 + 4 * i]] for i, name in enumerate(names)}
     pooled = {name: metrics_from_counts(*c) for name, c in per.items()}
-    present = [pooled[name]["dice"] for name, c in per.items() if c[0] + c[2] > 0]  # tp + fn: in the truth
+    ranked = [name for name in names if not (task in TYPE_TASKS and name == main_structure(task))]
+    present = [pooled[name]["dice"] for name in ranked if per[name][0] + per[name][2] > 0]  # tp + fn: in the truth
     main = main_structure(task)
     result = {"loss": loss, "dice": pooled[main]["dice"], "iou": pooled[main]["iou"],
               "score": float(np.mean(present)) if present else -loss}
     if len(pooled) > 1:
-        result.update({f"{name}_dice": p["dice"] for name, p in pooled.items()})
+        # named as in file names ("ggo_dice"): they become history.csv's columns
+        result.update({f"{structure_slug(name)}_dice": p["dice"] for name, p in pooled.items()})
     return result
 
 
@@ -383,7 +438,12 @@ def resume_mismatch(ckpt: dict, state: dict) -> str | None:
         held = f"{loss}{'' if batch_dice else ' --no-batch-dice'}"
         asked = f"{state['loss']}{'' if state['args']['batch_dice'] else ' --no-batch-dice'}"
         return f"was trained with loss {held}, asked for {asked} (pass the checkpoint's --loss/--batch-dice)"
+    if ckpt.get("other_labels", state.get("other_labels")) != state.get("other_labels"):
+        return (f"made other lesion labels {ckpt.get('other_labels')!r}, asked for {state.get('other_labels')!r} "
+                f"(pass the checkpoint's --other-labels)")
     held, asked = ckpt.get("preprocessing", state["preprocessing"]), state["preprocessing"]
+    if "look" not in held:  # a checkpoint from before looks were recorded
+        asked = {k: v for k, v in asked.items() if k != "look"}
     if held != asked:
         keys = sorted(k for k in {*held, *asked} if held.get(k) != asked.get(k))
         diff = ", ".join(f"{k} {held.get(k)!r} there, {asked.get(k)!r} now" for k in keys[:3])

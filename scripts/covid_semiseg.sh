@@ -2,10 +2,13 @@
 # Train the COVID-SemiSeg recipe (docs/BENCHMARKS.md, "COVID-SemiSeg recipe") on its 50 doctor-labelled slices.
 #
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR
+#   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --task lesion-types   # ground-glass opacity / consolidation
 #
 # TRAIN_DIR: COVID-SemiSeg's folder (TrainingSet/LungInfection-Train/Doctor-label/{Imgs,GT} under it), or any
-# folder of image-mask pairs train.py reads. The recipe is a 5-fold cross-validation; its five final fold models
-# are the ensemble to use, left as OUT_DIR/fold0.pth .. fold4.pth (listed in OUT_DIR/models.txt):
+# folder of image-mask pairs train.py reads; with --task lesion-types, COVID-SemiSeg's multi-class masks
+# (TrainingSet/MultiClassInfection-Train/GT, paired with Doctor-label/Imgs) or any folder of label masks
+# (0/1/2). The recipe is a 5-fold cross-validation; its five final fold models are the ensemble to use,
+# left as OUT_DIR/fold0.pth .. fold4.pth (listed in OUT_DIR/models.txt):
 #
 #   python infer.py --checkpoint OUT_DIR/*.pth --input IMGS_DIR --output PRED_DIR --save-probs PROB_DIR
 #
@@ -39,8 +42,9 @@ for model in "$OUT_DIR"/*.pth; do
     fi
 done
 
+# the loss is train.py's default for the task: bce_dice for the lesion task, ce_dice for the types tasks
 "$PYTHON" "$ROOT/train.py" --data "$TRAIN_DIR" --out "$OUT_DIR/cv" --folds 5 --seed 0 \
-    --model unet --width 16 --size 256 --loss bce_dice --no-batch-dice --epochs "$EPOCHS" --batch-size 8 \
+    --model unet --width 16 --size 256 --no-batch-dice --epochs "$EPOCHS" --batch-size 8 \
     --augment basic --opt adamw --lr 2e-3 --weight-decay 1e-4 --sched onecycle --tta --no-progress "${@:3}"
 
 # the ensemble: this run's fold models only (cv.json says how many; OUT_DIR/cv may still hold folders of an

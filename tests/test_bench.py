@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -64,3 +65,40 @@ def test_speed_reports_positive_rates_a_utilisation_and_the_flops_of_a_training_
     assert result["train_gflop_per_slice"] * 1e9 == pytest.approx(expected, rel=1e-9)
     for key in RATES:  # the human-readable lines quote the same rates
         assert key in out.stdout
+
+
+def test_dicom_speed_times_infer_and_each_stage_on_a_series_that_reads_back_as_its_phantom(tmp_path):
+    size, slices = 64, 20
+    out = subprocess.run([sys.executable, "bench/dicom_speed.py", "--size", str(size), "--slices", str(slices),
+                          "--width", "4", "--repeat", "1", "--work", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    stages = result["stages_seconds"]
+    for key in ("read series (read_case)", "predict (preprocess, U-Net, upsample)", "lungs from HU (utils.lungs)",
+                "write NIfTI masks", "report html"):  # task "lesion": no lung head, so the HU lungs run
+        assert math.isfinite(stages[key]) and stages[key] > 0, (key, stages)
+    assert result["stages_total_seconds"] == pytest.approx(
+        sum(v for k, v in stages.items() if not k.startswith(("of which", "also"))))
+    assert result["infer_py_seconds"] > 0 and result["meets_target"] is (result["infer_py_seconds"] <= 30)
+    case = f"series_{size}x{size}x{slices}"
+    written = {p.name for p in (tmp_path / "out_infer").iterdir()}
+    assert {f"{case}_{n}" for n in ("lesion.nii.gz", "lung.nii.gz", "report.json", "montage.png",
+                                    "report.html")} <= written
+    # the series: one int16 file per slice with a rescale intercept, read back as the phantom's HU
+    import importlib.util
+
+    import pydicom
+
+    from data.readers import read_case
+    from data.transforms import to_axial_slices
+
+    spec = importlib.util.spec_from_file_location("dicom_speed", ROOT / "bench" / "dicom_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    files = sorted((tmp_path / case).iterdir())
+    assert len(files) == slices
+    ds = pydicom.dcmread(files[0])
+    assert (ds.PixelRepresentation, ds.BitsAllocated, float(ds.RescaleIntercept)) == (1, 16, -1024.0)
+    p = bench.phantom(size, slices)
+    np.testing.assert_array_equal(read_case(tmp_path / case).image, to_axial_slices(p["image"], p["affine"]))

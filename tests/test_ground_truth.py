@@ -22,7 +22,7 @@ from data.preprocess import preprocess
 from data.readers import read_case
 from data.transforms import InputError, make_preprocessing, read_mask, to_axial_slices
 from tests.conftest import LPS_AFFINE, save_nifti, tiny_case
-from tests.script_fixtures import processed, run_script, trained  # noqa: F401
+from tests.script_fixtures import phantoms, processed, run_script, trained  # noqa: F401
 from utils.checkpoint import load_checkpoint
 from utils.volumes import dice_3d, volume_report, voxel_volume_ml
 
@@ -366,3 +366,19 @@ def test_read_case_warns_about_8_bit_data_only_for_an_hu_window(tmp_path, capsys
     read_case(path, prep=make_preprocessing(16, "minmax"))
     read_case(path)
     assert capsys.readouterr().err == ""
+
+
+def test_evaluate_volumes_scores_the_lungs_from_hu_of_a_lesion_only_checkpoint(trained, phantoms, tmp_path):
+    """--lungs hu: a checkpoint without a lung head gets lungs from HU, scored against the lung masks."""
+    ckpt = trained["out"] / "best_model.pth"
+    res = quiet(evaluate.evaluate_volumes, ckpt, phantoms, tmp_path / "eval", device="cpu", progress=False,
+                lungs="hu")
+    rows = res["patients"]
+    assert {r["lung_source"] for r in rows} == {"hu"}
+    # 64x64x8 phantoms: coarse, so lower than bench/lungs.py's 0.97-0.99 at 256x256x32
+    assert all(r["lung_dice_3d"] > 0.8 and r["lung_dice_slices"] > 0.8 for r in rows), [
+        (r["lung_dice_3d"], r["lung_dice_slices"]) for r in rows]
+    assert res["summary"]["lung_dice_slices"]["n"] == len(rows)
+    with pytest.raises(InputError, match="no lung head"):
+        quiet(evaluate.evaluate_volumes, ckpt, phantoms, tmp_path / "eval2", device="cpu", progress=False,
+              lungs="model")

@@ -87,6 +87,24 @@ def test_empty_masks_and_no_lungs_still_make_a_page():
     assert sorted(layers) == ["ct", "lesion"] and layers["lesion"] == [BLANK] * 3
 
 
+def test_lesion_types_get_a_layer_each_and_their_numbers():
+    hu = np.full((2, 20, 30), -800.0, np.float32)
+    lesion = np.zeros((2, 20, 30), np.uint8)
+    lesion[0, 2:6, 2:6] = 1  # ground-glass on slice 0 only
+    lesion[1, 10:12, 3:9] = 2  # consolidation on slice 1 only
+    types = {"ground-glass opacity": 1, "consolidation": 2}
+    report = {"case": "t", "lesion_labels": types, "ggo_ml": 1.25, "consolidation_ml": 0.5, "ggo_percent": 3.0,
+              "consolidation_percent": 1.0, "infection_percent": 4.0}
+    page = report_html(hu, {"lesion": lesion, "lung": (lesion > 0).astype(np.uint8)}, report)
+    layers = embedded(page, "slices")
+    assert sorted(layers) == ["consolidation", "ct", "ggo", "lung"]  # one toggle per type, no union layer
+    assert layers["ggo"][1] == BLANK and layers["ggo"][0] != BLANK
+    assert layers["consolidation"][0] == BLANK and layers["consolidation"][1] != BLANK
+    assert '<th>ggo_ml</th><td>1.25</td>' in page and '<th>consolidation_percent</th><td>1.00</td>' in page
+    index = index_html([("t", "t_report.html", report)])
+    assert "<th>ggo_percent</th>" in index and "<td>3.00</td>" in index
+
+
 def _chromium() -> str | None:
     for name in ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):

@@ -3,6 +3,10 @@
 Shapes everywhere: logits (N, C, H, W) (any float dtype; computed in float32), target (N, H, W) integer
 class indices. C = 1 is a binary (sigmoid) head with target in {0, 1}; C >= 2 is softmax with class 0 =
 background. Target values are not range-checked here (that would be a GPU sync per step).
+
+The softmax losses take an ``ignore_index`` (None: every pixel counts): pixels whose target is it count in
+neither the cross-entropy nor the Dice terms (e.g. a lesion label that is no class of the task). The
+caller passes the value (data.labels.IGNORE_INDEX; utils does not import data).
 """
 
 from collections.abc import Callable, Sequence
@@ -41,20 +45,37 @@ def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits[:, 0].float(), target.float())
 
 
-def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Multi-class cross-entropy, mean over pixels.
+def ce_loss(logits: Tensor, target: Tensor, ignore_index: int | None = None, weight: Tensor | None = None) -> Tensor:
+    """Multi-class cross-entropy, mean over pixels (over the pixels not ignored, with ``ignore_index``).
 
-    Shape: logits (N, C, H, W) with C >= 2, target (N, H, W) in [0, C). Returns a scalar.
+    ``weight``: one weight per class (C,), e.g. to weigh a rare class up; the mean is then weighted, as
+    torch's ``F.cross_entropy`` does. A batch whose every pixel is ignored gives 0, not nan.
+
+    Shape: logits (N, C, H, W) with C >= 2, target (N, H, W) in [0, C) (or ``ignore_index``). Returns a scalar.
     """
     _check(logits, target)
     if logits.shape[1] < 2:
         raise ValueError(
             f"ce needs >= 2 output channels, logits have {logits.shape[1]}; use bce or bce_dice for 1 channel"
         )
-    return F.cross_entropy(logits.float(), target.long())
+    if weight is not None:
+        weight = weight.to(logits.device, torch.float32)
+    if ignore_index is None:
+        return F.cross_entropy(logits.float(), target.long(), weight=weight)
+    # the sum over the kept pixels divided by their (weighted) count, clamped: torch's mean is nan (0 / 0)
+    # when every pixel is ignored, and the count stays on the device (no sync)
+    target = target.long()
+    total = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index, reduction="sum")
+    kept = target != ignore_index
+    if weight is None:
+        count = kept.sum()
+    else:
+        count = (weight[target.clamp(0, logits.shape[1] - 1)] * kept).sum()
+    return total / count.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH, batch: bool = True) -> Tensor:
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH, batch: bool = True,
+              ignore_index: int | None = None) -> Tensor:
     """Soft Dice loss over foreground classes, pooled over the whole batch or per image.
 
     Per foreground class k, with p the predicted probability and g the one-hot ground truth summed over
@@ -70,10 +91,14 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH, batch
     term is `1 - smooth / (sum(p) + smooth)`: 0 only when nothing is predicted, and its gradient is weak, so Dice
     alone barely punishes false positives on lesion-free slices. Pair it with BCE/CE (`bce_dice`, `ce_dice`).
 
+    ``ignore_index`` (softmax only): pixels whose target is it add to neither p nor g.
+
     Shape: logits (N, C, H, W), target (N, H, W). Returns a scalar in [0, 1].
     """
     _check(logits, target)
     logits = logits.float()
+    if ignore_index is not None and logits.shape[1] == 1:
+        raise ValueError("ignore_index applies to softmax (C >= 2) Dice only")
     num_classes = logits.shape[1]
     if num_classes == 1:
         probs = torch.sigmoid(logits)
@@ -83,6 +108,8 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = DICE_SMOOTH, batch
         # Comparing with arange instead of F.one_hot avoids one_hot's range check (a GPU sync).
         classes = torch.arange(1, num_classes, device=target.device).view(1, -1, 1, 1)
         truth = (target.unsqueeze(1) == classes).float()
+        if ignore_index is not None:  # truth is already 0 there (ignore_index is no foreground class)
+            probs = probs * (target != ignore_index).unsqueeze(1)
     dims = (0, 2, 3) if batch else (2, 3)
     intersection = (probs * truth).sum(dims)
     total = probs.sum(dims) + truth.sum(dims)
@@ -95,9 +122,13 @@ def bce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True) -> Tensor:
     return bce_loss(logits, target) + dice_loss(logits, target, batch=batch)
 
 
-def ce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True) -> Tensor:
-    """`ce_loss + dice_loss` (1:1). Shape: logits (N, C, H, W) with C >= 2, target (N, H, W). Returns a scalar."""
-    return ce_loss(logits, target) + dice_loss(logits, target, batch=batch)
+def ce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True, ignore_index: int | None = None,
+                 weight: Tensor | None = None) -> Tensor:
+    """`ce_loss + dice_loss` (1:1); ``weight`` weighs the CE term's classes (the Dice term, a mean over
+    classes, weighs them alike already). Shape: logits (N, C, H, W) with C >= 2, target (N, H, W). Returns
+    a scalar."""
+    return (ce_loss(logits, target, ignore_index, weight)
+            + dice_loss(logits, target, batch=batch, ignore_index=ignore_index))
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -139,7 +170,8 @@ def output_channels(mode: str, num_classes: int) -> int:
 
 
 def get_loss(
-    name: str, mode: str, num_classes: int, batch_dice: bool = True
+    name: str, mode: str, num_classes: int, batch_dice: bool = True, ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
 ) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
     """Return `loss(outputs, target)` for the named loss in the stated mode (segmentation_models.pytorch style).
 
@@ -149,6 +181,8 @@ def get_loss(
             target in [0, num_classes)); :func:`loss_mode` gives the mode a loss takes by default.
         num_classes: classes of the target, background included (2 for lesion vs background).
         batch_dice: the Dice term pooled over the batch (True) or averaged over images (False); see `dice_loss`.
+        ignore_index: multiclass only: the target value whose pixels no term counts (None: none is ignored).
+        class_weights: ce / ce_dice only: one cross-entropy weight per class, background included.
 
     Returns:
         A callable taking `outputs` = logits (N, C, H, W), C = `output_channels(mode, num_classes)`, or a
@@ -165,10 +199,19 @@ def get_loss(
         raise ValueError(f"loss {name!r} is binary (1 sigmoid channel), asked for mode {mode!r}; use 'ce' or 'ce_dice'")
     if name in _MULTICLASS and mode != "multiclass":
         raise ValueError(f"loss {name!r} is multiclass, asked for mode {mode!r}; use 'bce' or 'bce_dice'")
+    if ignore_index is not None and mode != "multiclass":
+        raise ValueError(f"ignore_index is for mode 'multiclass', asked with mode {mode!r}")
+    if class_weights is not None and (name not in _MULTICLASS or len(class_weights) != num_classes):
+        raise ValueError(f"class weights {list(class_weights)} need loss 'ce' or 'ce_dice' and one weight per class "
+                         f"({num_classes}); got loss {name!r}")
     num_channels = output_channels(mode, num_classes)
     fn = LOSSES[name]
     if name in _WITH_DICE and not batch_dice:
         fn = partial(fn, batch=False)
+    if ignore_index is not None:
+        fn = partial(fn, ignore_index=ignore_index)
+    if class_weights is not None:
+        fn = partial(fn, weight=torch.tensor(list(class_weights), dtype=torch.float32))
 
     def single(logits: Tensor, target: Tensor) -> Tensor:
         if logits.ndim != 4 or logits.shape[1] != num_channels:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, Delaunay, QhullError
+from scipy.spatial import ConvexHull, QhullError
 
 from utils.volumes import split_lungs
 
@@ -37,6 +37,7 @@ AIRWAY_TOP = 0.4  # the trachea is looked for in this upper share of the slices 
 AIRWAY_OFF_MIDLINE = 0.25  # the trachea's centre lies within this share of the body's width of its midline
 MIDLINE_BAND = 0.1  # a lone component whose centre is this close to the body's midline is two lungs
 CROPPED_BORDER = 0.1  # a slice whose border is more body than this is cropped inside the body
+HULL_TOLERANCE = 1e-9  # px: a grid point on a hull edge is inside; off it, it is at least 1/edge length away
 LEFT, RIGHT = 1, 2  # label values, as the phantoms' and Ma et al.'s lung masks
 
 _SLICE_2D = np.zeros((3, 3, 3), bool)  # 8-connectivity within each slice, none across slices
@@ -62,8 +63,11 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 
     One labelling of the background instead of scipy's iterated dilation: fast on a whole volume.
     """
-    labels, _ = _label_2d(~mask)
-    return mask | ((labels > 0) & ~np.isin(labels, _touching_border(labels)))
+    labels, n = _label_2d(~mask)
+    hole = np.ones(n + 1, bool)  # a lookup table by label: np.isin sorts the whole volume, this indexes it
+    hole[0] = False
+    hole[_touching_border(labels)] = False
+    return mask | hole[labels]
 
 
 def _downsample(hu: np.ndarray, f: int) -> np.ndarray:
@@ -71,10 +75,21 @@ def _downsample(hu: np.ndarray, f: int) -> np.ndarray:
     hu = np.asarray(hu, np.float32)
     if f == 1:
         return hu
-    z, h, w = hu.shape
+    return _blocks(hu, f).mean(axis=(2, 4))
+
+
+def _blocks(a: np.ndarray, f: int) -> np.ndarray:
+    """(Z, H, W) -> (Z, H/f, f, W/f, f) blocks, the edge padded when H or W is not a multiple of f."""
+    z, h, w = a.shape
     ph, pw = -h % f, -w % f
-    hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), mode="edge")
-    return hu.reshape(z, (h + ph) // f, f, (w + pw) // f, f).mean(axis=(2, 4))
+    if ph or pw:  # np.pad copies even when it pads nothing: 0.3 GB for a 512x512x300 scan
+        a = np.pad(a, ((0, 0), (0, ph), (0, pw)), mode="edge")
+    return a.reshape(z, (h + ph) // f, f, (w + pw) // f, f)
+
+
+def _downsample_mask(mask: np.ndarray, f: int) -> np.ndarray:
+    """A binary mask's f x f blocks that are at least half set: the block mean >= 0.5, counted in integers."""
+    return _blocks(mask, f).sum(axis=(2, 4), dtype=np.uint16) * 2 >= f * f
 
 
 def _upsample(labels: np.ndarray, f: int, shape: tuple) -> np.ndarray:
@@ -134,11 +149,12 @@ def _airway(candidates: np.ndarray, body: np.ndarray) -> np.ndarray:
     seeds = np.setdiff1d(seeds, _touching_border(labels))
     z_air = np.flatnonzero(candidates.any(axis=(1, 2)))
     low = z_air[0] + (1 - AIRWAY_TOP) * (z_air[-1] - z_air[0])  # the trachea is in the upper chest
-    seeds = [i for i in seeds if ndimage.find_objects(labels)[i - 1][0].start >= low]
+    first = [box[0].start for box in ndimage.find_objects(labels)]  # one pass over the volume for all pieces
+    seeds = [i for i in seeds if first[i - 1] >= low]
     if len(seeds) == 0:
         return airway
     seed = max(seeds, key=lambda i: areas[i])  # the trachea is the widest small air piece near the midline
-    top = int(ndimage.find_objects(labels)[seed - 1][0].start)
+    top = int(first[seed - 1])
     airway[top] = labels[top] == seed
     for z in range(top - 1, -1, -1):  # down to the carina and the main bronchi
         above = np.setdiff1d(np.unique(labels[z][airway[z + 1]]), [0])
@@ -181,21 +197,31 @@ def _split_left_right(lungs: np.ndarray, body: np.ndarray) -> np.ndarray:
 def _inside_hull(region: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Which (N, 2) points lie in the convex hull of a 2D region's pixels."""
     coords = np.argwhere(region)
-    try:  # triangulating the hull's corners only: all the pixels would cost seconds a slice
-        return Delaunay(coords[ConvexHull(coords).vertices]).find_simplex(points) >= 0
+    try:
+        hull = ConvexHull(coords)
     except (QhullError, ValueError):  # too few or collinear pixels: no area to lie in
         return np.zeros(len(points), bool)
+    # inside every edge's half-plane (unit normals: the value is a distance in pixels). Points on an edge
+    # count as inside, as Delaunay.find_simplex counts them, which costs 100x more (0.2 s a slice).
+    return (points @ hull.equations[:, :2].T + hull.equations[:, 2] <= HULL_TOLERANCE).all(axis=1)
+
+
+def _dilate(mask: np.ndarray, size: tuple) -> np.ndarray:
+    """Binary dilation by a box of ``size``: a separable max filter, several times faster than binary_dilation."""
+    return ndimage.maximum_filter(mask, size, mode="constant", cval=False)
 
 
 def _complete(labels: np.ndarray, lesion: np.ndarray | None, close_px: int) -> np.ndarray:
     """Per lung and slice: closing, hole filling, lesions inside its convex hull; returns the label map."""
     out = np.zeros_like(labels)
-    disk = np.ones((1, 2 * close_px + 1, 2 * close_px + 1), bool)
+    square = (1, 2 * close_px + 1, 2 * close_px + 1)
     for side in (LEFT, RIGHT):
         lung = labels == side
         if not lung.any():
             continue
-        lung = fill_holes_2d(ndimage.binary_closing(lung, disk) | lung)
+        # a closing by a square: max then min filters (separable), as scipy's binary_closing (outside not lung)
+        closed = ndimage.minimum_filter(_dilate(lung, square), square, mode="constant", cval=False)
+        lung = fill_holes_2d(closed | lung)
         if lesion is not None:
             for z in np.flatnonzero(lesion.any(axis=(1, 2)) & lung.any(axis=(1, 2))):
                 pts = np.argwhere(lesion[z] & ~lung[z])
@@ -203,7 +229,7 @@ def _complete(labels: np.ndarray, lesion: np.ndarray | None, close_px: int) -> n
                     inside = pts[_inside_hull(lung[z], pts)]
                     lung[z][tuple(inside.T)] = True
             # the partial-volume rim of a consolidation against the chest wall lies just outside the hull
-            lung = fill_holes_2d(lung | (lesion & ndimage.binary_dilation(lung, np.ones((1, 3, 3), bool))))
+            lung = fill_holes_2d(lung | (lesion & _dilate(lung, (1, 3, 3))))
         out[lung & (out == 0)] = side
     return out
 
@@ -233,29 +259,54 @@ def extract_lungs(hu: np.ndarray, spacing=None, lesion: np.ndarray | None = None
     labels = _split_left_right(candidates & ~airway, body)
     if lesion is not None:
         lesion = np.asarray(lesion) > 0
-        lesion_small = _downsample(lesion, f) >= 0.5 if f > 1 else lesion
+        lesion_small = _downsample_mask(lesion, f) if f > 1 else lesion
     else:
         lesion_small = None
     labels = _complete(labels, lesion_small, close_px=2)
-    return _refine(labels, hu, f, _upsample(airway, f, shape), lesion)
+    return _refine(labels, hu, f, airway, lesion)
 
 
 def _refine(labels: np.ndarray, hu: np.ndarray, f: int, airway: np.ndarray, lesion: np.ndarray | None) -> np.ndarray:
-    """Upsample the labels; at full resolution, voxels on a lung's edge stay lung only where air-like."""
+    """Upsample the labels; at full resolution, voxels on a lung's edge stay lung only where air-like.
+
+    Each lung is refined inside its bounding box (slices with it, and its rows and columns with a margin of
+    two coarse pixels, wider than the f-pixel growth): every step is per slice and reaches at most f pixels,
+    and the margin's ring is not lung, so hole filling sees the same holes as on the whole slice. The same
+    voxels as refining the whole volume, at a fraction of the cost (a lung covers about a quarter of it).
+    """
     if f == 1:
         return labels.astype(np.uint8)
-    up = _upsample(labels, f, hu.shape)
-    smooth = ndimage.uniform_filter(np.asarray(hu, np.float32), size=(1, 3, 3))
     out = np.zeros(hu.shape, np.uint8)
     for side in (LEFT, RIGHT):
-        lung = up == side
-        if not lung.any():
+        box = _box(labels == side, f, hu.shape)
+        if box is None:
             continue
-        grown = ndimage.binary_dilation(lung, np.ones((1, 3, 3), bool), iterations=f)
-        core = ndimage.binary_erosion(lung, np.ones((1, 3, 3), bool), iterations=f)
-        edge_ok = (smooth < AIR_HU) & ~airway
+        z, (y0, y1), (x0, x1) = box
+        lung = _upsample(labels[z, y0 // f:-(-y1 // f), x0 // f:-(-x1 // f)] == side, f, (0, y1 - y0, x1 - x0))
+        air = _upsample(airway[z, y0 // f:-(-y1 // f), x0 // f:-(-x1 // f)], f, (0, y1 - y0, x1 - x0))
+        # the 3x3 mean needs one more pixel around the box, where the box does not end at the scan's edge
+        ya, xa = max(0, y0 - 1), max(0, x0 - 1)
+        smooth = ndimage.uniform_filter(np.asarray(hu[z, ya:y1 + 1, xa:x1 + 1], np.float32), size=(1, 3, 3))
+        smooth = smooth[:, y0 - ya:y0 - ya + y1 - y0, x0 - xa:x0 - xa + x1 - x0]
+        # f iterations of a 3x3 dilation (erosion, outside counted as not lung) = one (2f+1)^2 max (min) filter
+        grown = _dilate(lung, (1, 2 * f + 1, 2 * f + 1))
+        core = ndimage.minimum_filter(lung, size=(1, 2 * f + 1, 2 * f + 1), mode="constant", cval=False)
+        edge_ok = (smooth < AIR_HU) & ~air
         if lesion is not None:
-            edge_ok |= lesion & lung
-        lung = core | (grown & edge_ok & (out == 0))
-        out[fill_holes_2d(lung) & (out == 0)] = side
+            edge_ok |= lesion[z, y0:y1, x0:x1] & lung
+        free = out[z, y0:y1, x0:x1] == 0
+        lung = core | (grown & edge_ok & free)
+        out[z, y0:y1, x0:x1][fill_holes_2d(lung) & free] = side
     return out
+
+
+def _box(lung: np.ndarray, f: int, shape: tuple) -> tuple[slice, tuple[int, int], tuple[int, int]] | None:
+    """The full-resolution box to refine a coarse lung mask in: its slices, and rows and columns (multiples
+    of f, a margin of two coarse pixels, within ``shape``); None without lung."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    if len(zs) == 0:
+        return None
+    rows, cols = np.flatnonzero(lung.any(axis=(0, 2))), np.flatnonzero(lung.any(axis=(0, 1)))
+    y0, y1 = max(0, rows[0] - 2) * f, min(shape[1], (rows[-1] + 3) * f)
+    x0, x1 = max(0, cols[0] - 2) * f, min(shape[2], (cols[-1] + 3) * f)
+    return slice(zs[0], zs[-1] + 1), (y0, y1), (x0, x1)
