@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from data.dataset import PairFolderDataset, SliceArrayDataset, find_pair_dirs, pair_files
-from data.labels import (IGNORE_INDEX, LESION_LABEL_NAMES, TASK_CLASS_INDICES, TASK_OUTPUTS, TYPE_TASKS,
+from data.labels import (IGNORE_INDEX, LESION_LABEL_NAMES, TASK_CLASS_INDICES, TYPE_TASKS,
                          class_targets, structure_slug, task_masks, type_mask, type_values)
 from data.readers import find_cases, read_case, reader_for
 from data.transforms import InputError, image_files_note, is_nifti, resize_images
@@ -239,7 +239,7 @@ def _score(model, ds, task: str, names: list[str], main: str, dev, dtype, tta: b
         if pairs:  # score at each mask's own resolution
             for j, i in enumerate(idx):
                 shape = loaded[j][2]
-                one = {n: resize_images(probs[n][j:j + 1], shape).clamp_(0, 1) for n in names}
+                one = {n: resize_images(p[j:j + 1], shape).clamp_(0, 1) for n, p in probs.items()}
                 target = torch.from_numpy(ds.read_target(ds.pairs[i][1]))[None]
                 extras.extend(_count(meters, classes, one, target, task, main, threshold, None))
         else:
@@ -278,7 +278,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
     note = image_files_note(ckpt["preprocessing"]) if pairs else None  # once per run, not per file
     if note:
         print(note)
-    names = list(TASK_OUTPUTS[task])
+    # a types task's types are scored once, on its label map (the "classes" block, type_prediction's rule);
+    # thresholding each type's map alone would give a second, different figure for the same type
+    names = list(task_masks(task))
     main = main_structure(task)
     meters, extras, classes = _score(model, ds, task, names, main, dev, dtype, tta, threshold, batch_size, progress)
     results = {"checkpoint": str(checkpoint), "data": str(data), "split": split,

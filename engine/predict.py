@@ -41,12 +41,13 @@ def type_prediction(probs: dict[str, torch.Tensor], task: str, threshold: float 
     """The predicted lesion-type label map: lesion where the union's probability is above ``threshold``
     (so its union is exactly the "lesion" mask), each lesion pixel the type of highest probability.
 
-    Shape: probs {name: (N, H, W)} (engine.predict.class_probs) -> int64 (N, H, W), 0 no lesion.
+    Shape: probs {name: (N, H, W)} (engine.predict.class_probs) -> int64 (N, H, W) on their device, 0 no
+    lesion.
     """
     types = lesion_types(task)
-    stacked = torch.stack([probs[name].float().cpu() for name in types])
+    stacked = torch.stack([probs[name].float() for name in types])  # on the maps' device: no sync
     best = stacked.argmax(0) + 1  # ties go to the first type, as argmax does
-    return torch.where(probs[main_structure(task)].cpu() > threshold, best, 0)
+    return torch.where(probs[main_structure(task)] > threshold, best, 0)
 
 
 def class_probs(logits: torch.Tensor, task: str) -> dict[str, torch.Tensor]:

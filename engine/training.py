@@ -26,7 +26,7 @@ from data.labels import IGNORE_INDEX, TASK_CLASSES, TYPE_TASKS, class_targets, s
 from data.look import describe_images
 from data.split_data import kfold
 from data.transforms import make_preprocessing
-from engine.predict import class_probs, main_structure
+from engine.predict import class_probs, lesion_types, main_structure, type_prediction
 from utils import distributed
 from utils.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from utils.helpers import autocast, plot_curves, write_csv
@@ -372,6 +372,9 @@ def validate(model, loader, criterion, task: str, device, dtype, threshold: floa
         if task in TYPE_TASKS:  # ignored pixels: predicted and true nowhere, so no TP, FP or FN
             kept = masks != IGNORE_INDEX
             probs = {name: p * kept for name, p in probs.items()}
+            # each type as the label map gives it (type_prediction), the rule evaluation and infer.py use
+            labels = type_prediction(probs, task, threshold)
+            probs.update({name: (labels == value).float() for name, value in lesion_types(task).items()})
         for name, meter in meters.items():
             meter.update(probs[name], targets[name], threshold)
     counts = [[m.pooled()[k] for k in ("tp", "fp", "fn", "tn")] for m in meters.values()]

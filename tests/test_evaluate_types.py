@@ -19,7 +19,7 @@ from PIL import Image
 import engine.evaluation as evaluation
 import evaluate
 from data.dataset import PairFolderDataset, SliceArrayDataset, pair_files
-from data.labels import LESION_LABEL_NAMES, TASK_CLASSES, TASK_OUTPUTS, class_targets, structure_slug
+from data.labels import LESION_LABEL_NAMES, TASK_CLASSES, TASK_OUTPUTS, class_targets, structure_slug, task_masks
 from data.preprocess import preprocess
 from data.synthetic import generate_dataset
 from data.transforms import make_preprocessing, read_label_mask
@@ -127,7 +127,8 @@ def test_ggo_called_consolidation_gives_the_hand_computed_figures(pairs, tmp_pat
     assert results["classes"]["called_as"][GGO][CONS] == 1.0 and results["classes"]["called_as"][CONS][CONS] == 1.0
     # the union is unaffected by the mix-up: every lesion pixel found, nothing else
     assert results["structures"]["lesion"]["pooled"]["dice"] == 1.0
-    assert list(results["structures"]) == list(TASK_OUTPUTS["lesion-types"])
+    # the types are scored once, on the label map ("classes"); "structures" holds the mask kinds only
+    assert list(results["structures"]) == list(task_masks("lesion-types")) == ["lesion"]
 
 
 def test_a_perfect_prediction_scores_one_and_reports_absent_classes_apart(pairs, tmp_path, monkeypatch):
