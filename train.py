@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import itertools
 import time
 from pathlib import Path
 
@@ -37,10 +39,11 @@ OUT = "checkpoints"      # --out: best_model.pth, last.pth, history.csv, curves.
 
 from base import InputError, exclusive_lock  # noqa: E402
 from data.augment import AUGMENT_LEVELS, BatchAugment, SpatialAugment  # noqa: E402
-from data.dataset import DeviceLoader  # noqa: E402
+from data.dataset import DeviceLoader, UnlabeledDataset  # noqa: E402
 from data.labels import OTHER_LABELS, TASK_CLASSES, TASKS, TYPE_TASKS  # noqa: E402
 from data.look import CROPS  # noqa: E402
 from engine.cross_validation import cross_validate  # noqa: E402
+from engine.semi import SEMI_METHODS, SemiSupervised  # noqa: E402
 from engine.training import (LOCK_HOLDER, OUTPUTS, Hooks, Progress, RunState, best_epoch, build_datasets,  # noqa: E402
                              checkpoint, class_weights, data_on_device, data_record, default_loss, divergence_advice,
                              history_row,
@@ -68,6 +71,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weights", default="none", choices=("none", "auto"),
                    help="auto: cross-entropy weights 1/sqrt(class frequency) from the training targets "
                         "(ce/ce_dice; for rare classes such as consolidation)")
+    p.add_argument("--unlabeled", default=None, metavar="DIR",
+                   help="semi-supervised training: also learn from the slices without masks in DIR (image files, "
+                        "searched recursively, moved into the labelled slices' look; or a data.preprocess folder)")
+    p.add_argument("--semi", default="mean-teacher", choices=SEMI_METHODS,
+                   help="with --unlabeled: the student matches the EMA teacher's probabilities (mean-teacher) or "
+                        "its confident labels (fixmatch) on strongly augmented unlabelled slices")
+    p.add_argument("--unlabeled-weight", type=float, default=1.0, help="with --unlabeled: the unlabelled loss's weight")
+    p.add_argument("--unlabeled-batch-size", type=int, default=None,
+                   help="with --unlabeled: unlabelled slices per step (default: --batch-size)")
+    p.add_argument("--ema-decay", type=float, default=0.99,
+                   help="with --unlabeled: the teacher's EMA decay per step (0: the student is its own teacher)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="with --unlabeled --semi fixmatch: the teacher's probability a pseudo-label needs")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
@@ -158,6 +174,57 @@ def make_loaders(args: argparse.Namespace, train_set, val_set, ctx: distributed.
     return train_loader, val_loader, sampler, gen, on_device
 
 
+def make_unlabeled(args: argparse.Namespace, train_set, val_set, prep: dict, ctx: distributed.Context,
+                   device: torch.device, on_device: bool, log=print):
+    """--unlabeled's dataset, its loader and sampler (or Nones without it).
+
+    The labelled files (pairs' images and masks; the volumes of preprocessed data) are never read as
+    unlabelled, so validation stays unseen whatever folder is given. Under torchrun each rank draws its own
+    share.
+
+    Returns (dataset, loader, sampler).
+    """
+    if not args.unlabeled:
+        return None, None, None
+    if Path(args.unlabeled).resolve() == Path(args.data).resolve():
+        raise InputError(f"--unlabeled {args.unlabeled} is --data itself; give a folder of slices without masks")
+    labelled = ([f for d in (train_set, val_set) for pair in getattr(d, "pairs", []) for f in pair]
+                + [c["image"] for d in (train_set, val_set) for c in getattr(d, "meta", {}).get("cases", {}).values()])
+    dataset = UnlabeledDataset(args.unlabeled, prep, exclude=labelled, log=log)
+    batch = args.unlabeled_batch_size or args.batch_size
+    if batch < 1 or len(dataset) < batch * ctx.world_size:
+        raise InputError(f"--unlabeled {args.unlabeled}: {len(dataset)} slices, fewer than one batch of {batch}"
+                         + (f" per process ({ctx.world_size})" if ctx.enabled else ""))
+    sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed + 1)
+    if on_device:
+        loader = DeviceLoader(dataset, batch, sampler, device, drop_last=True, progress=args.progress and ctx.is_main)
+    else:
+        workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+        # a generator of its own: starting the loader must not draw from the global RNG (augmentation)
+        loader = DataLoader(dataset, batch, sampler=sampler, drop_last=True, num_workers=workers,
+                            generator=torch.Generator(), pin_memory=device.type == "cuda")
+    return dataset, loader, sampler
+
+
+def unlabeled_batches(loader, sampler, epoch: int):
+    """Unlabelled batches for one epoch, endlessly: the sampler's order for (seed, epoch), then further
+    orders if the epoch needs more (so they depend on the epoch only, and a resumed run draws the same)."""
+    for again in itertools.count():
+        sampler.set_epoch(epoch * 1009 + again)
+        yield from loader
+
+
+def semi_record(args: argparse.Namespace, dataset) -> dict | None:
+    """What a semi-supervised run's checkpoints say about it (None for a supervised run)."""
+    if dataset is None:
+        return None
+    names = sorted(dataset.case_of(i) for i in range(len(dataset)))
+    return {"method": args.semi, "weight": args.unlabeled_weight, "ema_decay": args.ema_decay,
+            "confidence": args.confidence, "batch_size": args.unlabeled_batch_size or args.batch_size,
+            "unlabeled": {"path": str(Path(args.unlabeled).resolve()), "count": len(names),
+                          "items": hashlib.sha256(repr(names).encode()).hexdigest()[:16]}}
+
+
 def make_criterion(args: argparse.Namespace, hooks: Hooks, loss_name: str, train_set, log=print):
     """The run's criterion and the output channels it needs (``hooks.loss``), with --class-weights auto's
     cross-entropy weights from ``train_set``'s class frequencies.
@@ -195,17 +262,18 @@ def make_model(args: argparse.Namespace, in_channels: int, channels: int, ctx: d
 
 
 def run_record(args: argparse.Namespace, model, channels: int, loss_name: str, prep: dict, data: dict,
-               on_device: bool, labels, weights: list[float] | None = None) -> dict:
+               on_device: bool, labels, weights: list[float] | None = None, semi: dict | None = None) -> dict:
     """What every checkpoint of the run says about it (model, task, loss, preprocessing, data, label map,
     arguments), so infer.py and evaluate.py rebuild the model and its input pipeline from it alone.
 
     ``other_labels`` (types tasks; None for the others) says what the lesion labels that are no type
-    became in training; ``class_weights`` the cross-entropy weights of --class-weights auto (or None)."""
+    became in training; ``class_weights`` the cross-entropy weights of --class-weights auto (or None);
+    ``semi`` the semi-supervised method and its unlabelled data (:func:`semi_record`; None: supervised)."""
     types = args.task in TYPE_TASKS
     state = {"model_config": {"name": args.model, **model.config}, "num_classes": channels, "task": args.task,
              "loss": loss_name, "preprocessing": prep, "data": data, "labels": labels,
              "other_labels": args.other_labels if types else None,
-             "class_weights": weights,
+             "class_weights": weights, "semi": semi,
              "inference": {"tta": args.tta},
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
     state["args"]["data_on_device"] = on_device  # what the default chose, not None
@@ -249,6 +317,8 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
                                                          args.look_window, args.look_crop, log, args.other_labels)
     criterion, channels, weights = make_criterion(args, hooks, loss_name, train_set, log)
     train_loader, val_loader, sampler, gen, on_device = make_loaders(args, train_set, val_set, ctx, device)
+    unlabeled, unlabeled_loader, unlabeled_sampler = make_unlabeled(args, train_set, val_set, prep, ctx, device,
+                                                                    on_device, log)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = make_model(args, train_set.channels, channels, ctx, device, fmt)
     optimizer = hooks.optimizer(args.opt, model.parameters(), args.lr, args.weight_decay)
@@ -260,20 +330,24 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     scheduler = make_scheduler(optimizer, args.sched, args.epochs * steps, int(args.warmup_epochs * steps))
     # loss scaling is needed for fp16 only; bf16 has fp32's range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    semi = None if unlabeled is None else SemiSupervised(model, args.semi, args.unlabeled_weight, args.epochs * steps,
+                                                         args.ema_decay, args.confidence)
 
     out = claim_out(Path(args.out), hold if ctx.is_main else None)
     state = run_record(args, model, channels, loss_name, prep, data_record(args.data, data_kind, train_set, val_set),
-                       on_device, getattr(train_set, "labels", None), weights)
+                       on_device, getattr(train_set, "labels", None), weights, semi_record(args, unlabeled))
     run = RunState()
     if args.resume:
-        run = resume(args.resume, state, model, optimizer, scheduler, scaler, gen)
+        run = resume(args.resume, state, model, optimizer, scheduler, scaler, gen, semi)
         log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}", flush=True)
 
     # DDP broadcasts rank 0's weights and averages gradients; `model` stays the unwrapped module that is saved
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
     if args.compile:
         net = torch.compile(net)  # compiles on the first training and the first validation batch
-    log(describe_run(args, model, channels, loss_name, device, dtype, ctx, len(train_set), len(val_set), on_device))
+    log(describe_run(args, model, channels, loss_name, device, dtype, ctx, len(train_set), len(val_set), on_device)
+        + (f"; semi-supervised ({args.semi}) with {len(unlabeled)} unlabelled slices, "
+           f"{unlabeled_loader.batch_size} per step" if semi else ""))
     check_each_step = hooks.check_each_step(device)
     progress = Progress(args.epochs, out, divergence_advice(args.lr, args.amp), epoch=run.start_epoch,
                         saved=(args.resume, run.start_epoch) if args.resume else None)
@@ -287,8 +361,11 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
             t0 = time.time()
             train_loss = train_one_epoch(net, model, criterion, optimizer, train_loader, scheduler, scaler, device,
                                          dtype, epoch, progress, fmt, augments, check_each_step, ctx,
-                                         show_progress=args.progress and ctx.is_main)
-            val = hooks.validate(net, val_loader, criterion, args.task, device, dtype, fmt=fmt, ctx=ctx)
+                                         show_progress=args.progress and ctx.is_main, semi=semi,
+                                         unlabeled=semi and unlabeled_batches(unlabeled_loader, unlabeled_sampler, epoch))
+            # a semi-supervised run is scored (and inferred with) by its teacher
+            val = hooks.validate(semi.teacher if semi else net, val_loader, criterion, args.task, device, dtype,
+                                 fmt=fmt, ctx=ctx)
             row = history_row(epoch, train_loss, val, optimizer.param_groups[0]["lr"], time.time() - t0)
             run.history.append(row)
             log(f"Epoch {epoch + 1}/{args.epochs}\ntrain_loss: {train_loss:.4f} | val_loss: {val['loss']:.4f} | "
@@ -296,7 +373,7 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
             improved = is_better(val["score"], val["loss"], run.best, run.best_loss)  # validate(): Dice, else -loss
             if improved:
                 run.best, run.best_loss = val["score"], val["loss"]
-            ckpt = checkpoint(state, model, optimizer, scheduler, scaler, gen, epoch, val, run)
+            ckpt = checkpoint(state, model, optimizer, scheduler, scaler, gen, epoch, val, run, semi)
             progress.at(epoch, "saving")
             save(out, ckpt, improved, progress, ctx.is_main)
             run.best_saved = run.best_saved or (improved and ctx.is_main)

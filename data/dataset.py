@@ -11,15 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from data.augment import intensity_jitter, jitter_params
+from data.look import series_of, series_windows
 from data.labels import (OTHER_LABELS, PAIR_LABELS, PAIR_TYPE_LABELS, TYPE_TASKS, check_task, select_labels,
                          structure_mask, task_masks, task_target, type_mask, type_values)
-from data.transforms import IMAGE_SUFFIXES, InputError, load_image_slice, read_label_mask, read_mask, resize_masks
+from data.transforms import (IMAGE_SUFFIXES, InputError, load_image_slice, read_label_mask, read_mask, resize_masks,
+                             target_window)
 
 MASK_SUFFIXES = ("_mask", "-mask", "_seg", "_label")
+CACHE_BYTES = 1 << 30  # decoded pairs a PairFolderDataset keeps in memory (per process)
 
 
 class PairAugment:
@@ -263,6 +266,8 @@ class PairFolderDataset(Dataset):
         self.task, self.channels, self.other_labels = task, 1, other_labels
         self.types = type_values(PAIR_TYPE_LABELS["lesion"]) if task in TYPE_TASKS else None
         self.labels = PAIR_TYPE_LABELS if self.types else PAIR_LABELS
+        self._cache: dict[int, tuple] = {}  # index -> what load() returned (see load)
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -283,7 +288,22 @@ class PairFolderDataset(Dataset):
         return type_mask(labels, self.types, self.other_labels)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """The un-augmented (image (S, S), mask (S, S) uint8, original (H, W)) of one pair."""
+        """The un-augmented (image (S, S), mask (S, S) uint8, original (H, W)) of one pair.
+
+        Kept in memory after the first read while the pairs held stay under CACHE_BYTES: decoding a
+        COVID-SemiSeg JPEG and its mask took 2.8 ms, 5% of its training epoch, every epoch again. Not in
+        a DataLoader worker, which is restarted every epoch (its cache would be refilled and dropped).
+        """
+        if index in self._cache:
+            return self._cache[index]
+        loaded = self._read(index)
+        size = loaded[0].numel() * loaded[0].element_size() + loaded[1].numel() * loaded[1].element_size()
+        if get_worker_info() is None and self._cached_bytes + size <= CACHE_BYTES:
+            self._cache[index] = loaded
+            self._cached_bytes += size
+        return loaded
+
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         img_path, mask_path = self.pairs[index]
         image, shape = load_image_slice(img_path, self.preprocessing)
         mask = self.read_target(mask_path)
@@ -300,6 +320,97 @@ class PairFolderDataset(Dataset):
         return image[None], mask
 
 
+# ----------------------------------------------------------------------------- slices without masks
+# folders whose files are masks, not images, when an unlabelled folder is searched recursively
+MASK_FOLDERS = ("gt", "masks", "mask", "labels", "lesion_masks", "lung_masks", "edge", "prior")
+
+
+def find_images(root: str | Path, exclude=()) -> list[Path]:
+    """Every image file under ``root`` (recursively, hidden files and mask folders skipped), sorted, minus
+    the files in ``exclude`` (compared resolved). Raises InputError when none is left."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: folder not found")
+    skip = {Path(p).resolve() for p in exclude}
+    found = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)
+             and not any(part.lower() in MASK_FOLDERS or part.lower().endswith("_masks")
+                         for part in p.relative_to(root).parts[:-1])]
+    kept = [p for p in found if p.resolve() not in skip]
+    if not kept:
+        raise InputError(f"{root}: no images ({'/'.join(IMAGE_SUFFIXES)}) found"
+                         + (f" other than the {len(found)} labelled ones" if found else "")
+                         + (" (folders named like mask folders are skipped: " + ", ".join(MASK_FOLDERS) + ")"))
+    return kept
+
+
+class UnlabeledDataset(Dataset):
+    """Slices without masks, for semi-supervised training (train.py --unlabeled).
+
+    Either every image file under a folder (searched recursively by :func:`find_images`; any size and
+    mode), or every slice of a folder written by data.preprocess (its volumes need no masks). Items are
+    images only, float32 (1, S, S) in [0, 1], prepared as the labelled set's ``preprocessing`` record says
+    (the same ``load_image_slice``), so a batch of them and a labelled batch are the same kind of input.
+
+    Image files are first moved into the labelled slices' look: each series' HU window is estimated
+    (data.look.series_windows; COVID-SemiSeg's unlabelled volumes were exported in windows from
+    -1010..2180 to -1290..70 HU, its labelled slices in -1090..260) and its gray levels moved into the
+    record's window (data.transforms.move_window). A record without an HU window (min-max volumes) has no
+    look to move into: the files are read as they are. A preprocessed folder must have been made with the
+    labelled set's preprocessing.
+
+    Args:
+        root: the folder.
+        preprocessing: the labelled set's record.
+        exclude: files never to use (the labelled pairs' images and masks, or the labelled volumes: a
+            preprocessed folder's slices of those volumes are left out), so validation stays unseen.
+        log: gets one line saying what was found and how it was shown.
+    """
+
+    def __init__(self, root: str | Path, preprocessing: dict, exclude=(), log=print):
+        self.root, self.preprocessing, self.channels = Path(root), preprocessing, 1
+        if (self.root / "images.npy").is_file():
+            meta_path = self.root / "meta.json"
+            if not meta_path.is_file():
+                raise InputError(f"{self.root}: images.npy without meta.json; preprocess it with data.preprocess")
+            meta = json.loads(meta_path.read_text())
+            keys = ("size", "norm", "window")
+            theirs, ours = ({k: r.get(k) for k in keys} for r in (meta["preprocessing"], preprocessing))
+            if theirs != ours:
+                raise InputError(f"{self.root}: preprocessed as {theirs}, the labelled data as {ours}; preprocess the "
+                                 f"unlabelled volumes with the same --size/--norm/--window")
+            self.images = np.load(self.root / "images.npy", mmap_mode="r")
+            self.files, self.shown_in = None, None
+            skip = {Path(p).resolve() for p in exclude}
+            dropped = {name for name, case in meta["cases"].items() if Path(case["image"]).resolve() in skip}
+            self.rows = [i for i, s in enumerate(meta["slices"]) if s["case"] not in dropped]
+            if not self.rows:
+                raise InputError(f"{self.root}: every volume in it is labelled data of this run")
+            self.names = [f"{meta['slices'][i]['case']}:{meta['slices'][i]['z']}" for i in self.rows]
+            log(f"unlabeled: {len(self.rows)} preprocessed slices of {len(meta['cases']) - len(dropped)} volumes in "
+                f"{self.root}" + (f" ({len(dropped)} volumes left out: labelled data of this run)" if dropped else ""))
+            return
+        self.files = find_images(self.root, exclude)
+        self.names = [str(p.relative_to(self.root)) for p in self.files]
+        windows, how = series_windows(self.files)
+        target = target_window(preprocessing)
+        self.shown_in = [windows[series_of(p)] if target else None for p in self.files]
+        log(f"unlabeled: {how}; " + (f"each series moved into the labelled look, {target[0]:g}..{target[1]:g} HU"
+                                      if target else "read as they are (the labelled data has no HU window)"))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def case_of(self, index: int) -> str:
+        return self.names[index]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.files is None:
+            return torch.from_numpy(np.array(self.images[self.rows[index]], dtype=np.float32))[None]
+        image, _ = load_image_slice(self.files[index], self.preprocessing, self.shown_in[index])
+        return image[None]
+
+
 # ----------------------------------------------------------------------------- data held on the device
 class DeviceLoader:
     """A whole dataset, un-augmented, held as two tensors on the training device and served in batches.
@@ -313,7 +424,8 @@ class DeviceLoader:
     batch size would put in it.
 
     Args:
-        dataset: items (image (C, S, S) float, mask (S, S) integer < 256), e.g. SliceArrayDataset without augment.
+        dataset: items (image (C, S, S) float, mask (S, S) integer < 256), e.g. SliceArrayDataset without augment;
+            or images alone (UnlabeledDataset), served as image batches.
         batch_size: items per batch.
         sampler: an iterable of dataset indices (DistributedSampler, a range, ...).
         device: where the tensors live.
@@ -326,18 +438,22 @@ class DeviceLoader:
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         # a generator of its own: reading the data must not draw from the global RNG (model init, augmentation)
         loader = DataLoader(dataset, batch_size=64, num_workers=workers, generator=torch.Generator())
-        image, mask = dataset[0]
+        first = dataset[0]
+        image, mask = first if isinstance(first, (tuple, list)) else (first, None)  # images only: unlabelled
         try:  # allocated whole up front: the set is on the device once, never twice
             self.images = torch.empty((len(dataset), *image.shape), dtype=image.dtype, device=device)
-            self.masks = torch.empty((len(dataset), *mask.shape), dtype=torch.uint8, device=device)
+            self.masks = (None if mask is None else
+                          torch.empty((len(dataset), *mask.shape), dtype=torch.uint8, device=device))
         except torch.OutOfMemoryError:
             raise InputError(f"{len(dataset)} slices ({dataset_bytes(dataset) / 2**30:.1f} GiB) do not fit on "
                              f"{device}: train with --no-data-on-device") from None
         start = 0
-        for image, mask in tqdm(loader, desc=f"loading {len(dataset)} slices onto {device}", leave=False,
-                                disable=None if progress else True):
+        for batch in tqdm(loader, desc=f"loading {len(dataset)} slices onto {device}", leave=False,
+                          disable=None if progress else True):
+            image = batch[0] if self.masks is not None else batch
             self.images[start:start + len(image)] = image
-            self.masks[start:start + len(mask)] = mask
+            if self.masks is not None:
+                self.masks[start:start + len(image)] = batch[1]
             start += len(image)
 
     def __len__(self) -> int:
@@ -348,10 +464,12 @@ class DeviceLoader:
         order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.images.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             rows = order[start:start + self.batch_size]
-            yield self.images[rows], self.masks[rows].long()
+            yield self.images[rows] if self.masks is None else (self.images[rows], self.masks[rows].long())
 
 
 def dataset_bytes(dataset) -> int:
     """What :class:`DeviceLoader` would hold for ``dataset``: images as float32, masks as uint8."""
-    image, _ = dataset[0]
-    return len(dataset) * (4 * image.numel() + image[0].numel())
+    first = dataset[0]
+    if not isinstance(first, (tuple, list)):  # images only
+        return len(dataset) * 4 * first.numel()
+    return len(dataset) * (4 * first[0].numel() + first[0][0].numel())

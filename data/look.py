@@ -20,6 +20,7 @@ How the look of a folder of image files is measured (:func:`describe_images`):
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,18 @@ def make_look(window, crop: str) -> dict:
 def _gray_modes(hist: np.ndarray) -> tuple[int, int] | None:
     """The dark (lung) and bright (soft tissue) modes of an 8-bit histogram, or None without both."""
     smooth = np.convolve(hist, np.ones(5) / 5, mode="same")
-    dark = int(np.argmax(smooth[1:128])) + 1  # gray 0 is padding as often as air
-    bright = int(np.argmax(smooth[dark + MODE_GAP:250])) + dark + MODE_GAP  # 250+: bone and saturation
+    # the highest peak, then the highest at least MODE_GAP from it on either side (gray 0 is padding as
+    # often as air; 250+ is bone and saturation); in a wide window soft tissue sits below gray 128 and
+    # may be the higher of the two
+    first = int(np.argmax(smooth[1:250])) + 1
+    below, above = smooth[1:max(1, first - MODE_GAP + 1)], smooth[first + MODE_GAP:250]
+    if not len(below) and not len(above):
+        return None
+    if len(above) and (not len(below) or above.max() >= below.max()):
+        second = int(np.argmax(above)) + first + MODE_GAP
+    else:
+        second = int(np.argmax(below)) + 1
+    dark, bright = sorted((first, second))
     # both must be real peaks, not the flank of a single one
     if smooth[dark] < 2 * smooth[(dark + bright) // 2] or smooth[bright] < 2 * smooth[(dark + bright) // 2]:
         return None
@@ -117,6 +128,46 @@ def describe_images(paths: list[Path], window=None, crop: str | None = None) -> 
         how.append(f"crop {crop!r} ({100 * np.median(air):.0f}% of the border is outside air)")
     look = make_look(window, crop)
     return look, ("look of the training images: " + "; ".join(how) if how else "")
+
+
+def series_of(path: Path) -> str:
+    """The series an image file belongs to: its folder and its name without a trailing slice number
+    ("scans/Data-1_coronacases_org_001_17.jpg" -> "scans/Data-1_coronacases_org_001")."""
+    return str(Path(path).parent / re.sub(r"[_\-. ]*\d+$", "", Path(path).stem))
+
+
+def series_windows(paths: list[Path]) -> tuple[dict[str, tuple[float, float] | None], str]:
+    """The HU window each series of 8-bit slices was shown in (:func:`series_of`, :func:`estimate_window`).
+
+    Slices from several sources are seldom shown alike (COVID-SemiSeg's unlabelled volumes: -1010..1690 HU
+    for some, -1090..210 for others), and one window for all would misplace every series. A series whose
+    gray levels show no lung and soft-tissue modes, or that holds 16-bit or float values, gets None (read as
+    it is).
+
+    Returns:
+        ({series: (low, high) or None}, one line summing them up).
+    """
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(series_of(path), []).append(path)
+    windows = {}
+    for key, members in groups.items():
+        step = max(1, len(members) // SAMPLE_IMAGES)
+        hist = np.zeros(256)
+        for path in members[::step]:
+            gray = read_image(path)
+            if gray.min() < 0 or gray.max() > 255:  # 16-bit or float: not a slice shown in an 8-bit window
+                hist = None
+                break
+            hist += np.bincount(gray.astype(np.uint8).ravel(), minlength=256) / gray.size
+        windows[key] = None if hist is None else estimate_window(hist)
+    found = [w for w in windows.values() if w]
+    how = (f"{len(paths)} images in {len(groups)} series; windows estimated per series"
+           + (f" (low ends {min(w[0] for w in found):g}..{max(w[0] for w in found):g} HU, high ends "
+              f"{min(w[1] for w in found):g}..{max(w[1] for w in found):g} HU)" if found else ": none found")
+           + (f" ({len(groups) - len(found)} series without lung and soft-tissue modes, left as they are)"
+              if len(found) < len(groups) else ""))
+    return windows, how
 
 
 # ----------------------------------------------------------------------------- volumes in a look

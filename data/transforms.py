@@ -371,7 +371,18 @@ def read_label_mask(path: str | Path) -> tuple[np.ndarray, bool]:
     return arr.astype(np.uint8), is_label_map
 
 
-def load_image_slice(path: str | Path, prep: dict) -> tuple[torch.Tensor, tuple[int, int]]:
+def move_window(gray: np.ndarray, shown_in, to) -> np.ndarray:
+    """8-bit gray levels of a slice shown in the HU window ``shown_in`` as they would be in window ``to``.
+
+    gray -> HU on ``shown_in``'s line (0 at its low end, 255 at its high end) -> gray on ``to``'s, clipped
+    to 0..255 (what ``to`` would have saturated, it saturates). Shape: any; returns float32.
+    """
+    (a, b), (c, d) = shown_in, to
+    hu = a + np.asarray(gray, dtype=np.float32) * np.float32((b - a) / 255)
+    return np.clip((hu - c) * np.float32(255 / (d - c)), 0, 255).astype(np.float32)
+
+
+def load_image_slice(path: str | Path, prep: dict, shown_in=None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Read a 2D image file and preprocess it as ``prep`` says, for training and inference alike.
 
     Image files carry no Hounsfield units. For a min-max ``prep`` they are min-max normalised. For an HU
@@ -379,10 +390,21 @@ def load_image_slice(path: str | Path, prep: dict) -> tuple[torch.Tensor, tuple[
     that window, value / 255 -> [0, 1], which is exactly what data.export_png writes; a 16-bit or float
     image cannot be mapped to the window and is refused (see :func:`image_files_note`).
 
+    ``shown_in``: the HU window (low, high) an 8-bit file was shown in when it differs from the look the
+    model learned (``prep["look"]["window"]``, or the HU ``window`` of a volume-trained ``prep``): its gray
+    levels are first moved into that look (:func:`move_window`). Used for unlabelled slices from other
+    sources (train.py --unlabeled); a ``prep`` with neither window has no look to move into.
+
     Returns:
         (image float32 (size, size) in [0, 1], original (H, W)).
     """
     arr = read_image(path)
+    if shown_in is not None:
+        target = target_window(prep)
+        if target is None:
+            raise InputError(f"{path}: cannot move it from the window {shown_in[0]:g}..{shown_in[1]:g} HU into "
+                             f"a model's look: the preprocessing record {prep} has no HU window")
+        arr = move_window(np.clip(arr, 0, 255), shown_in, target)
     if prep.get("norm") != "window":
         return resize_images(normalize(arr[None], "minmax"), prep["size"])[0], arr.shape
     with Image.open(path) as img:  # the header only: read_image has decoded the file already
@@ -393,6 +415,15 @@ def load_image_slice(path: str | Path, prep: dict) -> tuple[torch.Tensor, tuple[
                          f"checkpoint's HU window {low:g}..{high:g}; use the NIfTI volume, or an 8-bit slice shown "
                          f"in that window")
     return resize_images(arr[None] / np.float32(255), prep["size"])[0], arr.shape
+
+
+def target_window(prep: dict) -> tuple[float, float] | None:
+    """The HU window the slices of a preprocessing record are shown in: its look's (image files), its own
+    (volumes normalised with an HU window), or None (min-max normalised volumes)."""
+    look = prep.get("look")
+    if look:
+        return tuple(look["window"])
+    return tuple(prep["window"]) if prep.get("norm") == "window" else None
 
 
 def image_files_note(prep: dict) -> str | None:

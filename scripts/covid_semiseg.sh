@@ -3,7 +3,10 @@
 #
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --task lesion-types   # ground-glass opacity / consolidation
+#   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --unlabeled UNLABELED_DIR   # semi-supervised (train.py --semi)
 #
+# UNLABELED_DIR: slices without masks (COVID-SemiSeg's TrainingSet/LungInfection-Train/Unlabeled), used in
+# every fold; the fold's validation slices are never among them (train.py leaves the labelled files out).
 # TRAIN_DIR: COVID-SemiSeg's folder (TrainingSet/LungInfection-Train/Doctor-label/{Imgs,GT} under it), or any
 # folder of image-mask pairs train.py reads; with --task lesion-types, COVID-SemiSeg's multi-class masks
 # (TrainingSet/MultiClassInfection-Train/GT, paired with Doctor-label/Imgs) or any folder of label masks

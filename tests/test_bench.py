@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models import build_model
+from tests.script_fixtures import export_pairs, processed, run_train, train_argv  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, SIZE, BATCH = 4, 32, 2  # a tiny U-Net, so the run takes seconds
@@ -102,3 +103,24 @@ def test_dicom_speed_times_infer_and_each_stage_on_a_series_that_reads_back_as_i
     assert (ds.PixelRepresentation, ds.BitsAllocated, float(ds.RescaleIntercept)) == (1, 16, -1024.0)
     p = bench.phantom(size, slices)
     np.testing.assert_array_equal(read_case(tmp_path / case).image, to_axial_slices(p["image"], p["affine"]))
+
+
+def test_score_folds_gives_the_cross_validations_figures_of_a_fold(processed, tmp_path):
+    """bench/score_folds.py rebuilds a fold's validation pairs from the checkpoint alone and scores them as
+    the cross-validation did: the same per-image Dice and threshold-averaged Dice as cv.json's fold."""
+    import importlib.util
+
+    data = tmp_path / "pairs"
+    export_pairs(processed, None, data, "Imgs", "GT", n=12)
+    run_train(train_argv(data, tmp_path / "cv", "--folds", "3", "--tta"))
+    cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    averaged = cv["last_epoch"]["dice_threshold_averaged"]
+    assert averaged[0] != averaged[2]  # so scoring another fold's pairs would show
+    spec = importlib.util.spec_from_file_location("score_folds", ROOT / "bench" / "score_folds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for fold in (0, 2):
+        row = bench.score_fold(tmp_path / "cv" / f"fold{fold}" / "last.pth", device="cpu")
+        assert row["fold"] == fold and row["n"] == cv["last_epoch"]["n"][fold]
+        for key in ("dice", "dice_threshold_averaged"):
+            assert row[key] == pytest.approx(cv["last_epoch"][key][fold], abs=1e-9)
