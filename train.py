@@ -48,7 +48,7 @@ from engine.training import (LOCK_HOLDER, OUTPUTS, Hooks, Progress, RunState, be
                              checkpoint, class_weights, data_on_device, data_record, default_loss, divergence_advice,
                              history_row,
                              is_better, make_scheduler, resume, save, train_one_epoch, where_saved)
-from models import MODEL_NAMES, build_model, model_options  # noqa: E402
+from models import MODEL_NAMES, build_model, model_from_checkpoint, model_options  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
@@ -82,6 +82,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --unlabeled: unlabelled slices per step (default: --batch-size)")
     p.add_argument("--ema-decay", type=float, default=0.99,
                    help="with --unlabeled: the teacher's EMA decay per step (0: the student is its own teacher)")
+    p.add_argument("--teacher", default=None, metavar="CKPT",
+                   help="with --unlabeled: self-training from this fixed teacher (a checkpoint of the same task and "
+                        "preprocessing, e.g. the supervised recipe's fold model; '{fold}' in the path becomes the fold "
+                        "number) instead of the student's EMA; the student is then what is scored and saved")
     p.add_argument("--confidence", type=float, default=0.95,
                    help="with --unlabeled --semi fixmatch: the teacher's probability a pseudo-label needs")
     p.add_argument("--epochs", type=int, default=EPOCHS)
@@ -214,15 +218,62 @@ def unlabeled_batches(loader, sampler, epoch: int):
         yield from loader
 
 
+def teacher_path(args: argparse.Namespace) -> Path | None:
+    """--teacher's file for this run ('{fold}' replaced by --fold), or None."""
+    if not args.teacher:
+        return None
+    if "{fold}" in args.teacher and args.fold is None:
+        raise InputError(f"--teacher {args.teacher}: '{{fold}}' names each fold's teacher; this run is no fold of --folds K")
+    return Path(args.teacher.replace("{fold}", str(args.fold)))
+
+
+def load_teacher(args: argparse.Namespace, prep: dict, channels: int, device: torch.device, fmt):
+    """--teacher's model on ``device``, after checking that it fits the run: the same task, output channels
+    and preprocessing (look included), so its maps are targets the student can learn. None without it."""
+    path = teacher_path(args)
+    if path is None:
+        return None
+    if not args.unlabeled:
+        raise InputError("--teacher is for self-training: give --unlabeled DIR too")
+    ckpt = safe_load(path, "teacher checkpoint")
+    if ckpt.get("task") != args.task or ckpt.get("num_classes") != channels:
+        raise InputError(f"{path}: a teacher for task {ckpt.get('task')!r} with {ckpt.get('num_classes')} output "
+                         f"channel(s); this run trains {args.task!r} with {channels} (pass the teacher's --task/--loss)")
+    if ckpt.get("preprocessing") != prep:
+        raise InputError(f"{path}: the teacher saw its slices as {ckpt.get('preprocessing')}, this run as {prep}; "
+                         f"use a teacher trained on the same data and --size")
+    return model_from_checkpoint(ckpt, path).to(device, memory_format=fmt)
+
+
+def make_semi(args: argparse.Namespace, model, steps: int, train_set, val_set, prep: dict, channels: int,
+              ctx: distributed.Context, device: torch.device, on_device: bool, fmt, log=print):
+    """--unlabeled's semi-supervised training for ``model``, ``steps`` optimizer steps per epoch.
+
+    Returns (SemiSupervised, epoch -> that epoch's unlabelled batches, the checkpoint's record), or three
+    Nones for a supervised run."""
+    unlabeled, loader, sampler = make_unlabeled(args, train_set, val_set, prep, ctx, device, on_device, log)
+    teacher = load_teacher(args, prep, channels, device, fmt)
+    if unlabeled is None:
+        return None, None, None
+    semi = SemiSupervised(model, args.semi, args.unlabeled_weight, args.epochs * steps, args.ema_decay,
+                          args.confidence, teacher)
+    log(f"semi-supervised ({args.semi}) with {len(unlabeled)} unlabelled slices, {loader.batch_size} per step; "
+        f"teacher: {teacher_path(args) if teacher else f'the EMA of the student (decay {args.ema_decay:g})'}")
+    return semi, (lambda epoch: unlabeled_batches(loader, sampler, epoch)), semi_record(args, unlabeled)
+
+
 def semi_record(args: argparse.Namespace, dataset) -> dict | None:
     """What a semi-supervised run's checkpoints say about it (None for a supervised run)."""
     if dataset is None:
         return None
     names = sorted(dataset.case_of(i) for i in range(len(dataset)))
+    teacher = teacher_path(args)
     return {"method": args.semi, "weight": args.unlabeled_weight, "ema_decay": args.ema_decay,
             "confidence": args.confidence, "batch_size": args.unlabeled_batch_size or args.batch_size,
             "unlabeled": {"path": str(Path(args.unlabeled).resolve()), "count": len(names),
-                          "items": hashlib.sha256(repr(names).encode()).hexdigest()[:16]}}
+                          "items": hashlib.sha256(repr(names).encode()).hexdigest()[:16]},
+            **({"teacher": {"path": str(teacher.resolve()),
+                            "sha256": hashlib.sha256(teacher.read_bytes()).hexdigest()[:16]}} if teacher else {})}
 
 
 def make_criterion(args: argparse.Namespace, hooks: Hooks, loss_name: str, train_set, log=print):
@@ -317,8 +368,6 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
                                                          args.look_window, args.look_crop, log, args.other_labels)
     criterion, channels, weights = make_criterion(args, hooks, loss_name, train_set, log)
     train_loader, val_loader, sampler, gen, on_device = make_loaders(args, train_set, val_set, ctx, device)
-    unlabeled, unlabeled_loader, unlabeled_sampler = make_unlabeled(args, train_set, val_set, prep, ctx, device,
-                                                                    on_device, log)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = make_model(args, train_set.channels, channels, ctx, device, fmt)
     optimizer = hooks.optimizer(args.opt, model.parameters(), args.lr, args.weight_decay)
@@ -330,12 +379,12 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     scheduler = make_scheduler(optimizer, args.sched, args.epochs * steps, int(args.warmup_epochs * steps))
     # loss scaling is needed for fp16 only; bf16 has fp32's range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    semi = None if unlabeled is None else SemiSupervised(model, args.semi, args.unlabeled_weight, args.epochs * steps,
-                                                         args.ema_decay, args.confidence)
+    semi, unlabeled_batches_of, semi_rec = make_semi(args, model, steps, train_set, val_set, prep, channels, ctx,
+                                                     device, on_device, fmt, log)
 
     out = claim_out(Path(args.out), hold if ctx.is_main else None)
     state = run_record(args, model, channels, loss_name, prep, data_record(args.data, data_kind, train_set, val_set),
-                       on_device, getattr(train_set, "labels", None), weights, semi_record(args, unlabeled))
+                       on_device, getattr(train_set, "labels", None), weights, semi_rec)
     run = RunState()
     if args.resume:
         run = resume(args.resume, state, model, optimizer, scheduler, scaler, gen, semi)
@@ -345,9 +394,7 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
     if args.compile:
         net = torch.compile(net)  # compiles on the first training and the first validation batch
-    log(describe_run(args, model, channels, loss_name, device, dtype, ctx, len(train_set), len(val_set), on_device)
-        + (f"; semi-supervised ({args.semi}) with {len(unlabeled)} unlabelled slices, "
-           f"{unlabeled_loader.batch_size} per step" if semi else ""))
+    log(describe_run(args, model, channels, loss_name, device, dtype, ctx, len(train_set), len(val_set), on_device))
     check_each_step = hooks.check_each_step(device)
     progress = Progress(args.epochs, out, divergence_advice(args.lr, args.amp), epoch=run.start_epoch,
                         saved=(args.resume, run.start_epoch) if args.resume else None)
@@ -362,10 +409,10 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
             train_loss = train_one_epoch(net, model, criterion, optimizer, train_loader, scheduler, scaler, device,
                                          dtype, epoch, progress, fmt, augments, check_each_step, ctx,
                                          show_progress=args.progress and ctx.is_main, semi=semi,
-                                         unlabeled=semi and unlabeled_batches(unlabeled_loader, unlabeled_sampler, epoch))
-            # a semi-supervised run is scored (and inferred with) by its teacher
-            val = hooks.validate(semi.teacher if semi else net, val_loader, criterion, args.task, device, dtype,
-                                 fmt=fmt, ctx=ctx)
+                                         unlabeled=semi and unlabeled_batches_of(epoch))
+            # a semi-supervised run is scored (and inferred with) by its teacher, unless that is fixed
+            val = hooks.validate(semi.teacher if semi and not semi.fixed else net, val_loader, criterion, args.task,
+                                 device, dtype, fmt=fmt, ctx=ctx)
             row = history_row(epoch, train_loss, val, optimizer.param_groups[0]["lr"], time.time() - t0)
             run.history.append(row)
             log(f"Epoch {epoch + 1}/{args.epochs}\ntrain_loss: {train_loss:.4f} | val_loss: {val['loss']:.4f} | "

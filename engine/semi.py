@@ -16,6 +16,10 @@ The unlabelled loss is weighed by --unlabeled-weight, ramped up as exp(-5 (1 - t
 RAMP_SHARE of the steps (the mean teacher's schedule): early on the teacher knows nothing worth copying.
 The teacher is what validation scores and what the checkpoint's "model" holds (infer.py and evaluate.py
 use it); the student's weights and the step count ride along for --resume.
+
+Self-training (--teacher CKPT): the teacher is a fixed, already trained model (the supervised recipe's
+fold model, say), not the student's average; it never moves, and the student is what is scored and saved.
+Semi-Inf-Net's pseudo-labels came from such a teacher, in rounds.
 """
 from __future__ import annotations
 
@@ -118,10 +122,11 @@ class SemiSupervised:
         total_steps: the run's optimizer steps (for the ramp-up).
         ema_decay: the teacher's EMA decay per step (0: the teacher is the student).
         confidence: fixmatch's threshold on the teacher's probability.
+        teacher: a fixed teacher (self-training), on the training device; None: the student's EMA.
     """
 
     def __init__(self, model: torch.nn.Module, method: str, weight: float, total_steps: int,
-                 ema_decay: float = 0.99, confidence: float = 0.95):
+                 ema_decay: float = 0.99, confidence: float = 0.95, teacher: torch.nn.Module | None = None):
         if method not in SEMI_METHODS:
             raise ValueError(f"method must be one of {SEMI_METHODS}, got {method!r}")
         if not 0 <= ema_decay < 1 or not 0.5 <= confidence <= 1 or weight < 0:
@@ -129,7 +134,9 @@ class SemiSupervised:
                              f"confidence={confidence} (0.5..1), weight={weight} (>= 0)")
         self.method, self.weight, self.total_steps = method, weight, max(1, total_steps)
         self.ema_decay, self.confidence = ema_decay, confidence
-        self.student, self.teacher = model, copy.deepcopy(model).eval().requires_grad_(False)
+        self.fixed = teacher is not None
+        self.student = model
+        self.teacher = (teacher if self.fixed else copy.deepcopy(model)).eval().requires_grad_(False)
         self.step = 0  # optimizer steps taken so far
         self.weak = BatchAugment(intensity=False)
 
@@ -165,6 +172,8 @@ class SemiSupervised:
         """After an optimizer step: the teacher moves towards the student (floating-point parameters and
         buffers by EMA, batch-norm counters copied)."""
         self.step += 1
+        if self.fixed:
+            return
         decay = min(self.ema_decay, (1 + self.step) / (EMA_WARMUP + self.step))
         teacher = self.teacher.state_dict()
         for name, value in self.student.state_dict().items():
@@ -174,8 +183,10 @@ class SemiSupervised:
                 teacher[name].copy_(value)
 
     def state_dict(self) -> dict:
-        return {"teacher": self.teacher.state_dict(), "step": self.step}
+        """The step count, and the teacher's weights unless it is fixed (its file holds them)."""
+        return {"step": self.step} if self.fixed else {"teacher": self.teacher.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
+        if not self.fixed:
+            self.teacher.load_state_dict(state["teacher"])
         self.step = int(state["step"])

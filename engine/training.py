@@ -461,9 +461,10 @@ def resume_mismatch(ckpt: dict, state: dict) -> str | None:
     if ckpt.get("semi") != state.get("semi"):
         said = lambda r: "supervised" if r is None else (  # noqa: E731
             f"{r['method']} on {r['unlabeled']['count']} unlabelled slices of {r['unlabeled']['path']} (weight "
-            f"{r['weight']:g}, EMA decay {r['ema_decay']:g}, confidence {r['confidence']:g})")
+            f"{r['weight']:g}, EMA decay {r['ema_decay']:g}, confidence {r['confidence']:g}"
+            + (f", teacher {r['teacher']['path']} sha256 {r['teacher']['sha256']}" if r.get("teacher") else "") + ")")
         return (f"was trained {said(ckpt.get('semi'))}; asked for {said(state.get('semi'))} (pass the checkpoint's "
-                f"--unlabeled/--semi/--unlabeled-weight/--ema-decay/--confidence)")
+                f"--unlabeled/--semi/--unlabeled-weight/--ema-decay/--confidence/--teacher)")
     if ckpt.get("other_labels", state.get("other_labels")) != state.get("other_labels"):
         return (f"made other lesion labels {ckpt.get('other_labels')!r}, asked for {state.get('other_labels')!r} "
                 f"(pass the checkpoint's --other-labels)")
@@ -506,15 +507,18 @@ def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, g
     mismatch = resume_mismatch(ckpt, state)
     if mismatch:
         raise InputError(f"{path}: cannot resume from it, it {mismatch}; or start afresh with another --out")
-    lacking = [key for key in RESUME_KEYS + (SEMI_KEYS if semi is not None else ()) if key not in ckpt]
+    wanted = RESUME_KEYS + (() if semi is None else ("semi_state",) if semi.fixed else SEMI_KEYS)
+    lacking = [key for key in wanted if key not in ckpt]
     if lacking:
         raise InputError(f"{path}: cannot resume from it, it lacks {lacking} (resume from the "
                          f"last.pth that train.py wrote)")
-    if semi is not None:  # "model" holds the teacher (what is scored and inferred with), "student" the student
+    if semi is not None and not semi.fixed:  # "model" holds the teacher (scored and inferred with)
         model.load_state_dict(ckpt["student"])
         semi.load_state_dict({"teacher": ckpt["model"], **ckpt["semi_state"]})
     else:
         model.load_state_dict(ckpt["model"])
+        if semi is not None:  # a fixed teacher: its file is the record's, checked by resume_mismatch
+            semi.load_state_dict(ckpt["semi_state"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     # a scaler state exists only where fp16 ran; switching precision on resume starts a fresh scaler
@@ -557,14 +561,17 @@ def checkpoint(state: dict, model, optimizer, scheduler, scaler, gen: torch.Gene
     """The self-describing checkpoint of an epoch: the run's record ``state`` plus every state to resume.
 
     A semi-supervised run's "model" is its teacher (the weights validation scored, which infer.py and
-    evaluate.py load), with the student in "student" and the teacher's step count in "semi_state"."""
+    evaluate.py load), with the student in "student" and the teacher's step count in "semi_state"; with a
+    fixed teacher (self-training) "model" is the student, and "semi_state" the step count."""
     ckpt = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
             "rng": rng_states(gen), "metrics": {k: float(v) for k, v in val.items()}, "best_score": run.best,
             "best_loss": run.best_loss, "history": run.history}
     if semi is not None:
         teacher = semi.state_dict()
-        ckpt.update(model=teacher.pop("teacher"), student=ckpt["model"], semi_state=teacher)
+        if "teacher" in teacher:
+            ckpt.update(model=teacher.pop("teacher"), student=ckpt["model"])
+        ckpt["semi_state"] = teacher
     return ckpt
 
 

@@ -484,3 +484,185 @@ def test_two_processes_train_semi_supervised(semi_data, tmp_path):
     assert "semi-supervised (mean-teacher) with 16 unlabelled slices" in proc.stdout
     ckpt = load_checkpoint(tmp_path / "two" / "last.pth")
     assert ckpt["semi"]["unlabeled"]["count"] == 16 and ckpt["semi_state"]["step"] >= 1 and "student" in ckpt
+
+
+# ----------------------------------------------------------------------------- 12: a fixed teacher (--teacher)
+def _sha(path: Path) -> str:
+    """The file's sha256 as the semi record writes it (train.semi_record)."""
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def fixed_teachers(semi_data, tmp_path_factory) -> dict:
+    """Supervised 1-epoch runs on the pair folder (their last.pth): "a" and "b" (seeds 0 and 1) fit the
+    self-training runs here; "ce" has 2 output channels (--loss ce_dice), "small" another --size."""
+    root = tmp_path_factory.mktemp("teachers")
+    runs = {"a": ("--seed", "0"), "b": ("--seed", "1"), "ce": ("--loss", "ce_dice"), "small": ("--size", "16")}
+    for name, extra in runs.items():
+        run_train(train_argv(semi_data["pairs"], root / name, "--size", str(SIDE), "--deterministic", *extra))
+    return {name: root / name / "last.pth" for name in runs}
+
+
+@pytest.fixture(scope="module")
+def fixed_teacher_unbroken(semi_data, fixed_teachers, tmp_path_factory) -> Path:
+    """A 2-epoch mean-teacher self-training run from teacher "a" (deterministic, CPU): its last.pth."""
+    out = tmp_path_factory.mktemp("fixed_unbroken")
+    run_train(semi_argv(semi_data, out, "--teacher", str(fixed_teachers["a"]), epochs=2))
+    return out / "last.pth"
+
+
+@pytest.mark.parametrize("method", ["mean-teacher", "fixmatch"])
+def test_a_fixed_teacher_run_saves_the_student_and_names_its_teacher(method, semi_data, fixed_teachers,
+                                                                     fixed_teacher_unbroken, tmp_path):
+    teacher_file = fixed_teachers["a"]
+    before_bytes, before = teacher_file.read_bytes(), load_checkpoint(teacher_file)["model"]
+    if method == "mean-teacher":
+        last = fixed_teacher_unbroken
+    else:
+        scored = []
+
+        def spy(model, *args, **kwargs):  # validation scores the student (trainable), not the frozen teacher
+            scored.append(any(p.requires_grad for p in model.parameters()))
+            return validate(model, *args, **kwargs)
+        argv = semi_argv(semi_data, tmp_path / "run", "--semi", "fixmatch", "--confidence", "0.6",
+                         "--teacher", str(teacher_file), epochs=2)
+        train.main(train.get_args_parser().parse_args(argv), Hooks(validate=spy))
+        assert scored == [True, True]
+        last = tmp_path / "run" / "last.pth"
+    assert teacher_file.read_bytes() == before_bytes
+    assert _same_weights(load_checkpoint(teacher_file)["model"], before)
+    ckpt = load_checkpoint(last)
+    steps_per_epoch = ckpt["data"]["train"] // 4  # --batch-size 4, the last part batch dropped
+    assert "student" not in ckpt and ckpt["semi_state"] == {"step": 2 * steps_per_epoch}
+    assert ckpt["semi"]["method"] == method
+    assert ckpt["semi"]["teacher"] == {"path": str(teacher_file.resolve()), "sha256": _sha(teacher_file)}
+    assert ckpt["model"].keys() == before.keys()
+    assert any(not torch.equal(ckpt["model"][k], before[k]) for k in before if before[k].is_floating_point())
+    assert len(ckpt["history"]) == 2 and all(math.isfinite(r["train_loss"]) for r in ckpt["history"])
+
+
+def _constant(logit: float) -> torch.nn.Module:
+    """A one-channel "model" whose logits are ``logit`` everywhere, whatever it is shown."""
+    conv = torch.nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(logit)
+    return conv
+
+
+@pytest.mark.parametrize("method", ["mean-teacher", "fixmatch"])
+def test_a_fixed_teacher_never_moves_and_its_maps_are_the_targets(method):
+    student, teacher = _constant(1.0), _constant(20.0)
+    weight = 5.0
+    semi = SemiSupervised(student, method, weight, total_steps=10, ema_decay=0.5, confidence=0.95, teacher=teacher)
+    assert semi.fixed and semi.teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        student.bias.add_(3.0)  # an EMA teacher would move towards this
+    for _ in range(3):
+        semi.update()
+    assert semi.step == 3 and _same_weights(teacher.state_dict(), frozen)
+    assert semi.state_dict() == {"step": 3}
+    semi.load_state_dict({"step": 7})
+    assert semi.step == 7 and _same_weights(teacher.state_dict(), frozen)
+    with torch.no_grad():
+        student.bias.fill_(1.0)
+
+    semi.step = 10  # past the ramp-up: the full weight
+    images, masks = torch.rand(2, 1, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)
+    unlabeled = torch.rand(3, 1, 8, 8)
+    no_sup = lambda outputs, m: outputs.sum() * 0  # noqa: E731  (only the unlabelled loss counts)
+    s = torch.sigmoid(torch.tensor(1.0)).item()
+    expected = {  # the student says sigmoid(1) everywhere; the teacher sure of lesion, or of background
+        "mean-teacher": {20.0: (1 - s) ** 2, -20.0: s ** 2},
+        "fixmatch": {20.0: math.log1p(math.exp(-1)), -20.0: math.log1p(math.exp(1))}}[method]
+    for logit, value in expected.items():
+        with torch.no_grad():
+            teacher.bias.fill_(logit)
+        loss = semi.loss(student, images, unlabeled, torch.device("cpu"), None, torch.contiguous_format,
+                         no_sup, masks)
+        assert float(loss.detach()) == pytest.approx(weight * value, rel=1e-5), logit
+        loss.backward()
+        assert student.bias.grad is not None and teacher.bias.grad is None
+        student.zero_grad()
+    # the student as its own teacher would have taught nothing (mean-teacher) or all-lesion (fixmatch)
+    assert expected[20.0] != expected[-20.0]
+
+
+def test_a_teacher_that_does_not_fit_the_run_is_refused_naming_its_file(semi_data, fixed_teachers, tmp_path):
+    from data.labels import TASKS
+
+    def refused(teacher, pattern, *extra):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(InputError, match=pattern):
+            run_train(semi_argv(semi_data, out, "--teacher", str(teacher), *extra))
+        assert not out.exists()  # refused before anything was written
+
+    other_task = tmp_path / "other_task.pth"
+    ckpt = load_checkpoint(fixed_teachers["a"])
+    task = ckpt["task"]
+    torch.save({**ckpt, "task": next(t for t in TASKS if t != task)}, other_task)
+    refused(other_task, rf"{other_task}: a teacher for task '(?!{task}').* this run trains '{task}'")
+    refused(fixed_teachers["ce"], rf"{fixed_teachers['ce']}: a teacher for task '{task}' with 2 output channel\(s\); "
+                                  rf"this run trains '{task}' with 1")
+    refused(fixed_teachers["small"], rf"{fixed_teachers['small']}: the teacher saw its slices as .*'size': 16.*"
+                                     rf"this run as .*'size': {SIDE}")
+    missing = tmp_path / "nowhere" / "last.pth"
+    refused(missing, rf"{missing}: teacher checkpoint not found")
+    refused(tmp_path / "fold{fold}" / "last.pth", r"'\{fold\}' names each fold's teacher; this run is no fold")
+    out = tmp_path / "supervised"
+    with pytest.raises(InputError, match=r"--teacher is for self-training: give --unlabeled DIR too"):
+        run_train(train_argv(semi_data["pairs"], out, "--size", str(SIDE), "--teacher", str(fixed_teachers["a"])))
+    assert not out.exists()
+
+
+def test_each_fold_learns_from_its_own_fold_teacher(semi_data, tmp_path):
+    teachers, students = tmp_path / "teachers", tmp_path / "students"
+    run_train(train_argv(semi_data["pairs"], teachers, "--size", str(SIDE), "--folds", "2", "--seed", "0"))
+    run_train(semi_argv(semi_data, students, "--folds", "2",
+                        "--teacher", str(teachers / "fold{fold}" / "last.pth")))
+    for i in range(2):
+        teacher = teachers / f"fold{i}" / "last.pth"
+        record = load_checkpoint(students / f"fold{i}" / "last.pth")["semi"]["teacher"]
+        assert record == {"path": str(teacher.resolve()), "sha256": _sha(teacher)}
+    assert _sha(teachers / "fold0" / "last.pth") != _sha(teachers / "fold1" / "last.pth")
+
+
+def test_a_resumed_fixed_teacher_run_matches_the_unbroken_one(semi_data, fixed_teachers, fixed_teacher_unbroken,
+                                                              tmp_path):
+    teacher = tmp_path / "teacher.pth"  # the same bytes as the unbroken run's teacher, in a file replaced below
+    shutil.copy(fixed_teachers["a"], teacher)
+    out = tmp_path / "broken"
+    argv = semi_argv(semi_data, out, "--teacher", str(teacher), epochs=2)
+    with pytest.raises(_Stop):
+        train.main(train.get_args_parser().parse_args(argv), _stop_at_epoch(2))
+    assert load_checkpoint(out / "last.pth")["epoch"] == 0
+    run_train(argv + ["--resume", str(out / "last.pth")])
+    a, b = load_checkpoint(fixed_teacher_unbroken), load_checkpoint(out / "last.pth")
+    assert a["semi_state"] == b["semi_state"] and "student" not in b
+    assert _same_weights(a["model"], b["model"])
+
+    shutil.copy(fixed_teachers["b"], teacher)  # another teacher under the same name
+    last = str(out / "last.pth")
+    with pytest.raises(InputError, match=rf"cannot resume from it, it was trained .*teacher {teacher} sha256 "
+                                         rf"{b['semi']['teacher']['sha256']}\); asked for .*teacher {teacher} "
+                                         rf"sha256 {_sha(fixed_teachers['b'])}\)"):
+        run_train(semi_argv(semi_data, tmp_path / "again", "--teacher", str(teacher), "--resume", last, epochs=3))
+    with pytest.raises(InputError, match=rf"cannot resume from it, .*teacher {teacher} sha256 .*; asked for "
+                                         r"mean-teacher on 16 [^;]*\) \(pass"):
+        run_train(semi_argv(semi_data, tmp_path / "ema", "--resume", last, epochs=3))  # without --teacher
+
+
+def test_a_semi_checkpoint_from_before_the_teacher_record_still_resumes(unbroken, semi_data, tmp_path):
+    ckpt = load_checkpoint(unbroken)
+    ckpt["semi"].pop("teacher", None)  # as written before --teacher existed
+    old = tmp_path / "old" / "last.pth"
+    old.parent.mkdir()
+    torch.save(ckpt, old)
+    result = run_train(semi_argv(semi_data, tmp_path / "old", "--resume", str(old), epochs=3))
+    assert len(result["history"]) == 3
