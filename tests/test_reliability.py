@@ -90,6 +90,13 @@ run_cli(train.main, train.get_args_parser(), argv)
 """
 
 
+def sigint_default() -> None:
+    """In the child before exec: SIGINT to its default. A test suite started in the background by a shell
+    without job control (`cmd &` in a script, `nohup`) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: the signal these tests send would be dropped."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def crash_argv(data, out, *extra: str) -> list[str]:
     """The run every crash test repeats: cosine schedule, augmentation on, deterministic, default --amp."""
     return train_argv(data, out, "--deterministic", "--seed", "0", "--lr", "3e-3", *extra, epochs=EPOCHS)
@@ -270,7 +277,7 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(processed, tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
     cmd = [sys.executable, "-c", AT_SECOND_VALIDATION, str(ready), *crash_argv(processed, out, "--epochs", "3")]
     with open(tmp_path / "run.err", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=sigint_default)
     _launched.append(proc)
     assert wait_for(ready.exists, proc), (tmp_path / "run.err").read_text()
     proc.send_signal(signal.SIGINT)

@@ -28,6 +28,7 @@ from data.transforms import InputError
 from engine.training import Hooks, is_better
 from tests.script_fixtures import REPO, SIZE, export_pairs, processed, run_script, run_train, train_argv  # noqa: F401
 from tests.test_recipe import SEMISEG, run_recipe
+from tests.test_reliability import sigint_default
 from utils import checkpoint
 from base import exclusive_lock
 from utils.checkpoint import load_checkpoint, safe_load, save_checkpoint
@@ -75,7 +76,7 @@ def test_a_second_run_into_an_out_folder_in_use_is_refused_and_the_first_run_is_
     log = tmp_path / "first.out"
     with open(log, "w") as f_out, open(log.with_suffix(".err"), "w") as f_err:
         first = subprocess.Popen([sys.executable, "train.py", *train_argv(processed, out, "--seed", "0", epochs=500)],
-                                 cwd=REPO, env=ENV, stdout=f_out, stderr=f_err)
+                                 cwd=REPO, env=ENV, stdout=f_out, stderr=f_err, preexec_fn=sigint_default)
     try:
         wait_for_line(first, log, "Epoch 1/500")  # the lock is taken before the first epoch
         second = subprocess.run([sys.executable, "train.py", *train_argv(processed, out, "--seed", "7", epochs=1)],
