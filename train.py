@@ -150,12 +150,17 @@ def main(args: argparse.Namespace, hooks: Hooks | None = None) -> dict:
         return cross_validate(args, lambda fold_args: train(fold_args, hooks=hooks), hold)
 
 
+def loader_workers(args: argparse.Namespace, device: torch.device) -> int:
+    """DataLoader workers: --workers, or by default 0 on the CPU and 4 on CUDA."""
+    return args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+
+
 def make_loaders(args: argparse.Namespace, train_set, val_set, ctx: distributed.Context, device: torch.device):
     """The training and validation loaders and the training sampler, with the data on the device or not.
 
     Returns (train_loader, val_loader, sampler, generator of the loader's workers, data on the device).
     """
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    workers = loader_workers(args, device)
     gen = torch.Generator()
     # The sampler's shuffle depends on (seed, epoch) only; under torchrun each rank takes every world_size-th
     # index of the same permutation, so N processes with batch B see the global batches of one with N*B.
@@ -203,7 +208,7 @@ def make_unlabeled(args: argparse.Namespace, train_set, val_set, prep: dict, ctx
     if on_device:
         loader = DeviceLoader(dataset, batch, sampler, device, drop_last=True, progress=args.progress and ctx.is_main)
     else:
-        workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+        workers = loader_workers(args, device)
         # a generator of its own: starting the loader must not draw from the global RNG (augmentation)
         loader = DataLoader(dataset, batch, sampler=sampler, drop_last=True, num_workers=workers,
                             generator=torch.Generator(), pin_memory=device.type == "cuda")

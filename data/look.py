@@ -95,6 +95,16 @@ def estimate_window(hist: np.ndarray) -> tuple[float, float] | None:
     return round(low, -1), round(low + 255 * hu_per_gray, -1)
 
 
+def _sample(paths: list[Path]) -> list[Path]:
+    """Up to SAMPLE_IMAGES of ``paths``, evenly spaced."""
+    return paths[::max(1, len(paths) // SAMPLE_IMAGES)]
+
+
+def _gray_share(gray: np.ndarray) -> np.ndarray:
+    """The share of an 8-bit slice's pixels at each gray level (256,): histograms of slices of any size add up."""
+    return np.bincount(gray.astype(np.uint8).ravel(), minlength=256) / gray.size
+
+
 def _border_air_share(gray: np.ndarray) -> float:
     """Share of a slice's border pixels that are dark (air outside the body)."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
@@ -111,11 +121,10 @@ def describe_images(paths: list[Path], window=None, crop: str | None = None) -> 
     Returns:
         (the look record, one line saying how it was found).
     """
-    step = max(1, len(paths) // SAMPLE_IMAGES)
     hist, air = np.zeros(256), []
-    for path in paths[::step]:
+    for path in _sample(paths):
         gray = np.clip(read_image(path), 0, 255).astype(np.uint8)  # 16-bit files saturate: they have no look
-        hist += np.bincount(gray.ravel(), minlength=256) / gray.size
+        hist += _gray_share(gray)
         air.append(_border_air_share(gray))
     how = []
     if window is None:
@@ -152,14 +161,13 @@ def series_windows(paths: list[Path]) -> tuple[dict[str, tuple[float, float] | N
         groups.setdefault(series_of(path), []).append(path)
     windows = {}
     for key, members in groups.items():
-        step = max(1, len(members) // SAMPLE_IMAGES)
         hist = np.zeros(256)
-        for path in members[::step]:
+        for path in _sample(members):
             gray = read_image(path)
             if gray.min() < 0 or gray.max() > 255:  # 16-bit or float: not a slice shown in an 8-bit window
                 hist = None
                 break
-            hist += np.bincount(gray.astype(np.uint8).ravel(), minlength=256) / gray.size
+            hist += _gray_share(gray)
         windows[key] = None if hist is None else estimate_window(hist)
     found = [w for w in windows.values() if w]
     how = (f"{len(paths)} images in {len(groups)} series; windows estimated per series"
