@@ -53,7 +53,7 @@ from utils import distributed  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
 from utils.helpers import amp_dtype, resolve_device, seed_everything  # noqa: E402
-from utils.losses import LOSSES  # noqa: E402
+from utils.losses import LOSSES, WEIGHTED  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -288,8 +288,9 @@ def make_criterion(args: argparse.Namespace, hooks: Hooks, loss_name: str, train
     Returns (criterion, channels, class weights or None)."""
     weights = None
     if args.class_weights == "auto":
-        if loss_name not in ("ce", "ce_dice"):  # before reading every training mask
-            raise InputError(f"--class-weights auto weighs the cross-entropy: use --loss ce or ce_dice, not {loss_name}")
+        if loss_name not in WEIGHTED:  # before reading every training mask
+            raise InputError(f"--class-weights auto weighs the cross-entropy: use --loss {', '.join(WEIGHTED)}, "
+                             f"not {loss_name}")
         weights = class_weights(train_set, TASK_CLASSES[args.task])
         log(f"class weights {', '.join(f'{w:.3g}' for w in weights)} (background first)")
     # hooks injected by tests take (name, task, batch_dice=) only: weights are passed when there are some

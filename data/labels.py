@@ -62,6 +62,12 @@ TASK_CLASSES = {task: 1 + max(max(c) for c in classes.values()) for task, classe
 TYPE_TASKS = ("lesion-types", "lung+lesion-types")  # tasks whose targets come from the lesion labels
 
 
+def lesion_classes(task: str) -> tuple[int, ...] | None:
+    """The target's class indices that make the lesion (in a types task, the union of the types), or None
+    when the task has no lesion."""
+    return TASK_CLASS_INDICES[task].get(_LESION)
+
+
 def check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")

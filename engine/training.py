@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from base import InputError
 from data.dataset import PairAugment, PairFolderDataset, SliceArrayDataset, dataset_bytes, find_pair_dirs, pair_files
-from data.labels import IGNORE_INDEX, TASK_CLASSES, TYPE_TASKS, class_targets, structure_slug, task_masks
+from data.labels import (IGNORE_INDEX, TASK_CLASSES, TYPE_TASKS, class_targets, lesion_classes, structure_slug,
+                         task_masks)
 from data.look import describe_images
 from data.split_data import kfold
 from data.transforms import make_preprocessing
@@ -32,7 +33,7 @@ from engine.semi import SemiSupervised
 from utils import distributed
 from utils.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from utils.helpers import autocast, plot_curves, write_csv
-from utils.losses import get_loss, loss_mode, output_channels
+from utils.losses import WEIGHTED, get_loss, loss_mode, output_channels
 from utils.metrics import SegmentationMeter, metrics_from_counts
 
 OUTPUTS = ("last.pth", "best_model.pth", "history.csv", "curves.png")
@@ -72,11 +73,17 @@ def build_loss(name: str, task: str, batch_dice: bool = True,
     try:
         mode = loss_mode(name, classes)
     except ValueError:
-        raise InputError(f"--loss {name} is binary; task {task!r} has {classes} classes: use ce or ce_dice") from None
-    if class_weights is not None and name not in ("ce", "ce_dice"):
-        raise InputError(f"--class-weights weigh the cross-entropy: use --loss ce or ce_dice, not {name}")
+        raise InputError(f"--loss {name} is binary; task {task!r} has {classes} classes: use --loss {', '.join(WEIGHTED)}") from None
+    if class_weights is not None and name not in WEIGHTED:
+        raise InputError(f"--class-weights weigh the cross-entropy: use --loss {', '.join(WEIGHTED)}, not {name}")
     ignore = IGNORE_INDEX if task in TYPE_TASKS else None
-    criterion = get_loss(name, mode, classes, batch_dice=batch_dice, ignore_index=ignore, class_weights=class_weights)
+    union = None
+    if name == "ce_dice_union":  # the union it trains: the lesion (the types, in a types task)
+        union = lesion_classes(task)
+        if union is None:
+            raise InputError(f"--loss ce_dice_union trains the union of the lesion classes; task {task!r} has no lesion")
+    criterion = get_loss(name, mode, classes, batch_dice=batch_dice, ignore_index=ignore, class_weights=class_weights,
+                         union=union)
     return criterion, output_channels(mode, classes)
 
 

@@ -45,10 +45,23 @@ for model in "$OUT_DIR"/*.pth; do
     fi
 done
 
-# the loss is train.py's default for the task: bce_dice for the lesion task, ce_dice for the types tasks
+# The loss: train.py's default (bce_dice) for the lesion task; for a types task (--task *-types) the types
+# recipe adds ce_dice_union (the binary recipe's loss on the union of the types, beside ce_dice) and
+# cross-entropy weights from the class frequencies (docs/BENCHMARKS.md, "Ground-glass and consolidation").
+# Flags given after OUT_DIR come later on the command line, so they win.
+TASK=lesion
+PREVIOUS=
+for arg in "${@:3}"; do
+    if [ "$PREVIOUS" = --task ]; then TASK=$arg; fi
+    case $arg in --task=*) TASK=${arg#--task=} ;; esac
+    PREVIOUS=$arg
+done
+TYPES_RECIPE=()
+case $TASK in *-types) TYPES_RECIPE=(--loss ce_dice_union --class-weights auto) ;; esac
 "$PYTHON" "$ROOT/train.py" --data "$TRAIN_DIR" --out "$OUT_DIR/cv" --folds 5 --seed 0 \
     --model unet --width 16 --size 256 --no-batch-dice --epochs "$EPOCHS" --batch-size 8 \
-    --augment basic --opt adamw --lr 2e-3 --weight-decay 1e-4 --sched onecycle --tta --no-progress "${@:3}"
+    --augment basic --opt adamw --lr 2e-3 --weight-decay 1e-4 --sched onecycle --tta --no-progress \
+    "${TYPES_RECIPE[@]}" "${@:3}"
 
 # the ensemble: this run's fold models only (cv.json says how many; OUT_DIR/cv may still hold folders of an
 # earlier run with more folds), each written to a temporary name, then renamed

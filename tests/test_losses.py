@@ -13,11 +13,13 @@ from utils.losses import (
     bce_dice_loss,
     bce_loss,
     ce_dice_loss,
+    ce_dice_union_loss,
     ce_loss,
     dice_loss,
     get_loss,
     loss_mode,
     output_channels,
+    union_bce_dice_loss,
 )
 
 BIG = 20.0  # logit magnitude at which sigmoid/softmax are 1 - 2e-9 confident
@@ -122,7 +124,7 @@ def test_wrong_channel_count_raises(target):
         get_loss("ce", "binary", 2)
     with pytest.raises(ValueError, match="3 channels"):
         get_loss("dice", "multiclass", 3)(torch.zeros(2, 2, 2, 2), target)
-    with pytest.raises(ValueError, match="'ce' or 'ce_dice'"):
+    with pytest.raises(ValueError, match="'ce', 'ce_dice', 'ce_dice_union'"):
         loss_mode("bce", 3)
 
 
@@ -186,7 +188,7 @@ def test_gradients_finite(name, target):
     scale=st.floats(0.01, 100.0),
 )
 def test_losses_finite_and_non_negative(name, classes, seed, scale):
-    num_classes = {"bce": 1, "bce_dice": 1, "ce": max(classes, 2), "ce_dice": max(classes, 2)}.get(name, classes)
+    num_classes = {"bce": 1, "bce_dice": 1}.get(name, classes if name == "dice" else max(classes, 2))
     gen = torch.Generator().manual_seed(seed)
     logits = scale * torch.randn(2, num_classes, 4, 4, generator=gen)
     target = torch.randint(0, max(num_classes, 2), (2, 4, 4), generator=gen)
@@ -195,3 +197,54 @@ def test_losses_finite_and_non_negative(name, classes, seed, scale):
     assert torch.isfinite(value) and value.item() >= 0
     if name == "dice":
         assert value.item() <= 1
+
+
+def union_logit(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) sigmoid logit of the union of the foreground classes: log p(any) - log p(background)."""
+    return (logits[:, 1:].logsumexp(1) - logits[:, 0]).unsqueeze(1)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_union_term_is_bce_dice_of_the_union(batch):
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(2, 3, 5, 5)
+    target = torch.randint(0, 3, (2, 5, 5))
+    target[1] = 0  # an image with no lesion: the per-image Dice's empty rule applies to the union too
+    expected = bce_dice_loss(union_logit(logits), (target > 0).long(), batch=batch)
+    torch.testing.assert_close(union_bce_dice_loss(logits, target, batch=batch), expected)
+    torch.testing.assert_close(ce_dice_union_loss(logits, target, batch=batch),
+                               ce_dice_loss(logits, target, batch=batch) + expected)
+
+
+def test_union_term_ignores_the_type():
+    three = torch.tensor([[[0, 1], [2, 2]]])
+    swapped = torch.tensor([[[0, 2], [1, 1]]])  # every ground-glass pixel called consolidation and back
+    assert union_bce_dice_loss(onehot_logits(swapped, 3), three).item() < 1e-6
+    assert ce_dice_loss(onehot_logits(swapped, 3), three).item() > 1
+    missed = torch.zeros_like(three)  # the lesion lost to the background
+    assert union_bce_dice_loss(onehot_logits(missed, 3), three).item() > 1
+
+
+def test_union_of_some_classes():
+    torch.manual_seed(3)
+    logits = 2 * torch.randn(2, 4, 3, 3)  # 0 background, 1 lung, 2 and 3 the lesion types
+    target = torch.randint(0, 4, (2, 3, 3))
+    union = logits[:, 2:].logsumexp(1) - logits[:, :2].logsumexp(1)  # lesion against background and lung
+    expected = bce_dice_loss(union.unsqueeze(1), (target >= 2).long(), batch=False)
+    torch.testing.assert_close(get_loss("ce_dice_union", "multiclass", 4, batch_dice=False, union=(2, 3))(logits, target),
+                               ce_dice_loss(logits, target, batch=False) + expected)
+    for bad in [(), (0, 1, 2, 3), (4,)]:
+        with pytest.raises(ValueError, match="some but not all"):
+            union_bce_dice_loss(logits, target, union=bad)
+    with pytest.raises(ValueError, match="'ce_dice_union' only"):
+        get_loss("ce_dice", "multiclass", 4, union=(2, 3))
+
+
+def test_union_loss_takes_class_weights():
+    torch.manual_seed(2)
+    logits, target, w = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4)), [1.0, 2.0, 5.0]
+    torch.testing.assert_close(get_loss("ce_dice_union", "multiclass", 3, class_weights=w)(logits, target),
+                               ce_dice_loss(logits, target, weight=torch.tensor(w))
+                               + union_bce_dice_loss(logits, target))
+    with pytest.raises(ValueError, match="softmax"):
+        union_bce_dice_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))

@@ -33,6 +33,7 @@ def test_recipe_leaves_five_fold_models_that_infer_averages(processed, tmp_path)
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["args"]["fold"] == i and ckpt["args"]["augment"] == "basic"
         assert ckpt["inference"] == {"tta": True} and ckpt["epoch"] == 0  # the final epoch, not a pick
+        assert ckpt["loss"] == "bce_dice" and ckpt["class_weights"] is None  # the types recipe's flags stay out
     cv = json.loads((out / "cv" / "cv.json").read_text())
     assert cv["folds"] == 5 and len(cv["last_epoch"]["dice"]) == 5 and sum(cv["last_epoch"]["n"]) <= 10
 

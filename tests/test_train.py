@@ -194,7 +194,7 @@ def test_lung_and_lesion_task_trains_three_channels(processed, tmp_path):
 
 
 def test_binary_loss_on_three_classes_is_refused(processed, tmp_path):
-    with pytest.raises(InputError, match="ce or ce_dice"):
+    with pytest.raises(InputError, match="ce, ce_dice, ce_dice_union"):
         run_train(train_argv(processed, tmp_path, "--task", "lung+lesion", "--loss", "bce"))
 
 

@@ -26,7 +26,7 @@ GGO, CONS = (LESION_TYPES[name] for name in LESION_TYPES)  # 1, 2: the labels on
 
 
 # ----------------------------------------------------------------------------- losses
-@pytest.mark.parametrize("name", ["ce", "dice", "ce_dice"])
+@pytest.mark.parametrize("name", ["ce", "dice", "ce_dice", "ce_dice_union"])
 @pytest.mark.parametrize("batch_dice", [True, False])
 def test_ignored_pixels_change_nothing(name, batch_dice):
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def test_class_weights_weigh_the_cross_entropy():
                                                                ignore_index=IGNORE_INDEX).item(), rel=1e-6)
     with pytest.raises(ValueError, match="one weight per class"):
         get_loss("ce", "multiclass", 3, class_weights=[1.0, 2.0])
-    with pytest.raises(InputError, match="ce or ce_dice"):
+    with pytest.raises(InputError, match="ce, ce_dice, ce_dice_union"):
         build_loss("dice", "lesion-types", class_weights=w)
 
 
@@ -101,6 +101,20 @@ def test_default_loss_is_softmax_beyond_two_classes():
     moved = logits.clone()
     moved[0, :, 1] += 7.0  # ignored pixels only
     assert criterion(moved, target).item() == pytest.approx(criterion(logits, target).item(), abs=1e-6)
+
+
+def test_union_loss_trains_the_task_lesion():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 3)
+    target = torch.randint(0, 4, (2, 3, 3))  # lung+lesion-types: 0 background, 1 lung, 2 GGO, 3 consolidation
+    criterion, channels = build_loss("ce_dice_union", "lung+lesion-types", batch_dice=False)
+    assert channels == 4
+    lesion = get_loss("ce_dice_union", "multiclass", 4, batch_dice=False, ignore_index=IGNORE_INDEX, union=(2, 3))
+    torch.testing.assert_close(criterion(logits, target), lesion(logits, target))
+    assert criterion(logits, target).item() != pytest.approx(
+        get_loss("ce_dice_union", "multiclass", 4, batch_dice=False)(logits, target).item())  # not lung + lesion
+    with pytest.raises(InputError, match="task 'lung' has no lesion"):
+        build_loss("ce_dice_union", "lung")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -155,9 +169,9 @@ def write_semiseg_types(processed, root, n: int = 8, effusion: bool = False) -> 
     return sorted(seen)
 
 
-def check_types_checkpoint(path, task: str, other_labels: str, channels: int | None = None):
+def check_types_checkpoint(path, task: str, other_labels: str, channels: int | None = None, loss: str = "ce_dice"):
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["task"] == task and ckpt["num_classes"] == TASK_CLASSES[task] and ckpt["loss"] == "ce_dice"
+    assert ckpt["task"] == task and ckpt["num_classes"] == TASK_CLASSES[task] and ckpt["loss"] == loss
     assert ckpt["labels"]["lesion"] == LESION_TYPES  # names ground-glass opacity and consolidation
     assert ckpt["other_labels"] == other_labels
     model = model_from_checkpoint(ckpt).eval()
@@ -191,10 +205,12 @@ def test_binary_masks_are_refused_for_lesion_types(processed, tmp_path):
 @pytest.mark.parametrize("task", ["lesion-types", "lung+lesion-types"])
 def test_unet_trains_types_on_preprocessed_phantoms(processed, tmp_path, task):
     assert {GGO, CONS} <= set(np.unique(np.load(processed / "lesion_masks.npy")).tolist())
-    result = run_train(train_argv(processed, tmp_path, "--task", task, "--class-weights", "auto", epochs=1))
+    loss = "ce_dice_union" if task == "lung+lesion-types" else "ce_dice"
+    result = run_train(train_argv(processed, tmp_path, "--task", task, "--class-weights", "auto", "--loss", loss,
+                                  epochs=1))
     h = result["history"][0]
     assert math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"])
-    ckpt = check_types_checkpoint(tmp_path / "last.pth", task, "background")
+    ckpt = check_types_checkpoint(tmp_path / "last.pth", task, "background", loss=loss)
     weights = ckpt["class_weights"]
     assert len(weights) == TASK_CLASSES[task] and weights[0] == 1.0 and min(weights[1:]) > 1.0
     if task == "lung+lesion-types":
@@ -234,6 +250,7 @@ def test_recipe_trains_lesion_types_into_five_fold_models(processed, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     models = sorted((tmp_path / "model").glob("*.pth"))
     assert [p.name for p in models] == [f"fold{i}.pth" for i in range(5)]
-    for path in models:  # the script's default loss follows the task: ce_dice, not the binary bce_dice
-        check_types_checkpoint(path, "lesion-types", "background")
+    for path in models:  # the types recipe: ce_dice_union with class weights, not the binary bce_dice
+        ckpt = check_types_checkpoint(path, "lesion-types", "background", loss="ce_dice_union")
+        assert ckpt["class_weights"] is not None and len(ckpt["class_weights"]) == 3
     assert json.loads((tmp_path / "model" / "cv" / "cv.json").read_text())["folds"] == 5

@@ -40,7 +40,7 @@ def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     _check(logits, target)
     if logits.shape[1] != 1:
         raise ValueError(
-            f"bce needs 1 output channel, logits have {logits.shape[1]}; use ce or ce_dice for C channels"
+            f"bce needs 1 output channel, logits have {logits.shape[1]}; use one of {_MULTICLASS} for C channels"
         )
     return F.binary_cross_entropy_with_logits(logits[:, 0].float(), target.float())
 
@@ -131,17 +131,64 @@ def ce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True, ignore_inde
             + dice_loss(logits, target, batch=batch, ignore_index=ignore_index))
 
 
+def union_bce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True, ignore_index: int | None = None,
+                        union: Sequence[int] | None = None) -> Tensor:
+    """`bce_dice` of the union of some classes of a softmax head (e.g. the lesion types: any lesion) against
+    the rest.
+
+    The union's probability is the sum of its classes' (its log is computed from the logits, stable); its
+    target is every pixel of those classes. This is the binary recipe's loss applied to the union, whatever
+    the class inside it: nnU-Net's region-based training, which trains nested regions as well as the
+    classes. ``union``: its class indices (default: every foreground class, 1..C-1). ``ignore_index``: those
+    pixels count in neither term. ``batch``: as in `dice_loss`.
+
+    Shape: logits (N, C, H, W) with C >= 2, target (N, H, W). Returns a scalar.
+    """
+    _check(logits, target)
+    num_classes = logits.shape[1]
+    union = tuple(range(1, num_classes)) if union is None else tuple(union)
+    if num_classes < 2 or not union or not all(0 <= k < num_classes for k in union) or len(union) == num_classes:
+        raise ValueError(f"the union {union} must be some but not all of a softmax head's classes; logits have "
+                         f"{num_classes} channels")
+    logits = logits.float()
+    inside = torch.zeros(num_classes, dtype=torch.bool)
+    inside[list(union)] = True
+    log_total = logits.logsumexp(dim=1)
+    log_union = logits[:, inside].logsumexp(dim=1) - log_total
+    log_rest = logits[:, ~inside].logsumexp(dim=1) - log_total
+    kept = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    classes = torch.tensor(union, device=target.device).view(1, -1, 1, 1)
+    truth = ((target.unsqueeze(1) == classes).any(dim=1) & kept).float()
+    bce = (-(truth * log_union + (1 - truth) * log_rest) * kept).sum() / kept.sum().clamp_min(1)
+    probs = log_union.exp() * kept
+    dims = (0, 1, 2) if batch else (1, 2)
+    dice = (2 * (probs * truth).sum(dims) + DICE_SMOOTH) / (probs.sum(dims) + truth.sum(dims) + DICE_SMOOTH)
+    return bce + 1 - dice.mean()
+
+
+def ce_dice_union_loss(logits: Tensor, target: Tensor, batch: bool = True, ignore_index: int | None = None,
+                       weight: Tensor | None = None, union: Sequence[int] | None = None) -> Tensor:
+    """`ce_dice_loss + union_bce_dice_loss` (1:1): the classes, and the union of ``union``'s classes (default:
+    every foreground class) as the binary recipe trains it, so that a lesion of either type is not lost to
+    the background while the types are being told apart. ``weight`` weighs the CE term's classes.
+    Shape: logits (N, C, H, W) with C >= 2, target (N, H, W). Returns a scalar."""
+    return (ce_dice_loss(logits, target, batch, ignore_index, weight)
+            + union_bce_dice_loss(logits, target, batch, ignore_index, union))
+
+
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "bce": bce_loss,
     "dice": dice_loss,
     "bce_dice": bce_dice_loss,
     "ce": ce_loss,
     "ce_dice": ce_dice_loss,
+    "ce_dice_union": ce_dice_union_loss,
 }
 MODES = ("binary", "multiclass")
 _BINARY = ("bce", "bce_dice")  # sigmoid losses
-_MULTICLASS = ("ce", "ce_dice")  # softmax losses; dice takes either mode
-_WITH_DICE = ("dice", "bce_dice", "ce_dice")
+_MULTICLASS = ("ce", "ce_dice", "ce_dice_union")  # softmax losses; dice takes either mode
+_WITH_DICE = ("dice", "bce_dice", "ce_dice", "ce_dice_union")
+WEIGHTED = _MULTICLASS  # the losses with a cross-entropy term that class weights weigh
 
 
 def loss_mode(name: str, num_classes: int) -> str:
@@ -154,7 +201,7 @@ def loss_mode(name: str, num_classes: int) -> str:
         raise ValueError(f"unknown loss {name!r}; choose one of {tuple(LOSSES)}")
     if name in _BINARY:
         if num_classes > 2:
-            raise ValueError(f"loss {name!r} is binary; {num_classes} classes need 'ce' or 'ce_dice'")
+            raise ValueError(f"loss {name!r} is binary; {num_classes} classes need one of {_MULTICLASS}")
         return "binary"
     if name in _MULTICLASS:
         return "multiclass"
@@ -171,7 +218,7 @@ def output_channels(mode: str, num_classes: int) -> int:
 
 def get_loss(
     name: str, mode: str, num_classes: int, batch_dice: bool = True, ignore_index: int | None = None,
-    class_weights: Sequence[float] | None = None,
+    class_weights: Sequence[float] | None = None, union: Sequence[int] | None = None,
 ) -> Callable[[Tensor | Sequence[Tensor], Tensor], Tensor]:
     """Return `loss(outputs, target)` for the named loss in the stated mode (segmentation_models.pytorch style).
 
@@ -182,7 +229,8 @@ def get_loss(
         num_classes: classes of the target, background included (2 for lesion vs background).
         batch_dice: the Dice term pooled over the batch (True) or averaged over images (False); see `dice_loss`.
         ignore_index: multiclass only: the target value whose pixels no term counts (None: none is ignored).
-        class_weights: ce / ce_dice only: one cross-entropy weight per class, background included.
+        class_weights: `WEIGHTED` losses only: one cross-entropy weight per class, background included.
+        union: ce_dice_union only: the class indices of the union it trains (default: every foreground class).
 
     Returns:
         A callable taking `outputs` = logits (N, C, H, W), C = `output_channels(mode, num_classes)`, or a
@@ -196,16 +244,20 @@ def get_loss(
     if mode == "binary" and num_classes != 2:
         raise ValueError(f"mode 'binary' is for 2 classes, got num_classes={num_classes}; use mode 'multiclass'")
     if name in _BINARY and mode != "binary":
-        raise ValueError(f"loss {name!r} is binary (1 sigmoid channel), asked for mode {mode!r}; use 'ce' or 'ce_dice'")
+        raise ValueError(f"loss {name!r} is binary (1 sigmoid channel), asked for mode {mode!r}; use one of {_MULTICLASS}")
     if name in _MULTICLASS and mode != "multiclass":
         raise ValueError(f"loss {name!r} is multiclass, asked for mode {mode!r}; use 'bce' or 'bce_dice'")
     if ignore_index is not None and mode != "multiclass":
         raise ValueError(f"ignore_index is for mode 'multiclass', asked with mode {mode!r}")
     if class_weights is not None and (name not in _MULTICLASS or len(class_weights) != num_classes):
-        raise ValueError(f"class weights {list(class_weights)} need loss 'ce' or 'ce_dice' and one weight per class "
+        raise ValueError(f"class weights {list(class_weights)} need one of the losses {WEIGHTED} and one weight per class "
                          f"({num_classes}); got loss {name!r}")
+    if union is not None and name != "ce_dice_union":
+        raise ValueError(f"a union of classes is trained by loss 'ce_dice_union' only, not {name!r}")
     num_channels = output_channels(mode, num_classes)
     fn = LOSSES[name]
+    if union is not None:
+        fn = partial(fn, union=tuple(union))
     if name in _WITH_DICE and not batch_dice:
         fn = partial(fn, batch=False)
     if ignore_index is not None:
