@@ -129,7 +129,7 @@ def test_raising_the_threshold_never_predicts_more(labels, t1, t2, seed):
 
 # ----------------------------------------------------------------------------- losses
 def channels_for(name: str, classes: int) -> int:
-    return {"bce": 1, "bce_dice": 1, "ce": max(classes, 2), "ce_dice": max(classes, 2)}.get(name, classes)
+    return {"bce": 1, "bce_dice": 1}.get(name, classes if name == "dice" else max(classes, 2))
 
 
 def loss_for(name: str, channels: int):
