@@ -73,7 +73,8 @@ def build_loss(name: str, task: str, batch_dice: bool = True,
     try:
         mode = loss_mode(name, classes)
     except ValueError:
-        raise InputError(f"--loss {name} is binary; task {task!r} has {classes} classes: use --loss {', '.join(WEIGHTED)}") from None
+        raise InputError(f"--loss {name} is binary; task {task!r} has {classes} classes: "
+                         f"use --loss {', '.join(WEIGHTED)}") from None
     if class_weights is not None and name not in WEIGHTED:
         raise InputError(f"--class-weights weigh the cross-entropy: use --loss {', '.join(WEIGHTED)}, not {name}")
     ignore = IGNORE_INDEX if task in TYPE_TASKS else None
@@ -81,7 +82,8 @@ def build_loss(name: str, task: str, batch_dice: bool = True,
     if name == "ce_dice_union":  # the union it trains: the lesion (the types, in a types task)
         union = lesion_classes(task)
         if union is None:
-            raise InputError(f"--loss ce_dice_union trains the union of the lesion classes; task {task!r} has no lesion")
+            raise InputError(f"--loss ce_dice_union trains the union of the lesion classes; "
+                             f"task {task!r} has no lesion")
     criterion = get_loss(name, mode, classes, batch_dice=batch_dice, ignore_index=ignore, class_weights=class_weights,
                          union=union)
     return criterion, output_channels(mode, classes)

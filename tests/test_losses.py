@@ -231,8 +231,8 @@ def test_union_of_some_classes():
     target = torch.randint(0, 4, (2, 3, 3))
     union = logits[:, 2:].logsumexp(1) - logits[:, :2].logsumexp(1)  # lesion against background and lung
     expected = bce_dice_loss(union.unsqueeze(1), (target >= 2).long(), batch=False)
-    torch.testing.assert_close(get_loss("ce_dice_union", "multiclass", 4, batch_dice=False, union=(2, 3))(logits, target),
-                               ce_dice_loss(logits, target, batch=False) + expected)
+    loss = get_loss("ce_dice_union", "multiclass", 4, batch_dice=False, union=(2, 3))
+    torch.testing.assert_close(loss(logits, target), ce_dice_loss(logits, target, batch=False) + expected)
     for bad in [(), (0, 1, 2, 3), (4,)]:
         with pytest.raises(ValueError, match="some but not all"):
             union_bce_dice_loss(logits, target, union=bad)

@@ -151,11 +151,10 @@ def union_bce_dice_loss(logits: Tensor, target: Tensor, batch: bool = True, igno
         raise ValueError(f"the union {union} must be some but not all of a softmax head's classes; logits have "
                          f"{num_classes} channels")
     logits = logits.float()
-    inside = torch.zeros(num_classes, dtype=torch.bool)
-    inside[list(union)] = True
+    rest = [k for k in range(num_classes) if k not in union]
     log_total = logits.logsumexp(dim=1)
-    log_union = logits[:, inside].logsumexp(dim=1) - log_total
-    log_rest = logits[:, ~inside].logsumexp(dim=1) - log_total
+    log_union = logits[:, list(union)].logsumexp(dim=1) - log_total
+    log_rest = logits[:, rest].logsumexp(dim=1) - log_total
     kept = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
     classes = torch.tensor(union, device=target.device).view(1, -1, 1, 1)
     truth = ((target.unsqueeze(1) == classes).any(dim=1) & kept).float()
@@ -244,14 +243,15 @@ def get_loss(
     if mode == "binary" and num_classes != 2:
         raise ValueError(f"mode 'binary' is for 2 classes, got num_classes={num_classes}; use mode 'multiclass'")
     if name in _BINARY and mode != "binary":
-        raise ValueError(f"loss {name!r} is binary (1 sigmoid channel), asked for mode {mode!r}; use one of {_MULTICLASS}")
+        raise ValueError(f"loss {name!r} is binary (1 sigmoid channel), asked for mode {mode!r}; "
+                         f"use one of {_MULTICLASS}")
     if name in _MULTICLASS and mode != "multiclass":
         raise ValueError(f"loss {name!r} is multiclass, asked for mode {mode!r}; use 'bce' or 'bce_dice'")
     if ignore_index is not None and mode != "multiclass":
         raise ValueError(f"ignore_index is for mode 'multiclass', asked with mode {mode!r}")
     if class_weights is not None and (name not in _MULTICLASS or len(class_weights) != num_classes):
-        raise ValueError(f"class weights {list(class_weights)} need one of the losses {WEIGHTED} and one weight per class "
-                         f"({num_classes}); got loss {name!r}")
+        raise ValueError(f"class weights {list(class_weights)} need one of the losses {WEIGHTED} and one weight "
+                         f"per class ({num_classes}); got loss {name!r}")
     if union is not None and name != "ce_dice_union":
         raise ValueError(f"a union of classes is trained by loss 'ce_dice_union' only, not {name!r}")
     num_channels = output_channels(mode, num_classes)
