@@ -228,7 +228,8 @@ def teacher_path(args: argparse.Namespace) -> Path | None:
     if not args.teacher:
         return None
     if "{fold}" in args.teacher and args.fold is None:
-        raise InputError(f"--teacher {args.teacher}: '{{fold}}' names each fold's teacher; this run is no fold of --folds K")
+        raise InputError(f"--teacher {args.teacher}: '{{fold}}' names each fold's teacher; "
+                         f"this run is no fold of --folds K")
     return Path(args.teacher.replace("{fold}", str(args.fold)))
 
 
@@ -243,7 +244,8 @@ def load_teacher(args: argparse.Namespace, prep: dict, channels: int, device: to
     ckpt = safe_load(path, "teacher checkpoint")
     if ckpt.get("task") != args.task or ckpt.get("num_classes") != channels:
         raise InputError(f"{path}: a teacher for task {ckpt.get('task')!r} with {ckpt.get('num_classes')} output "
-                         f"channel(s); this run trains {args.task!r} with {channels} (pass the teacher's --task/--loss)")
+                         f"channel(s); this run trains {args.task!r} with {channels} "
+                         f"(pass the teacher's --task/--loss)")
     if ckpt.get("preprocessing") != prep:
         raise InputError(f"{path}: the teacher saw its slices as {ckpt.get('preprocessing')}, this run as {prep}; "
                          f"use a teacher trained on the same data and --size")

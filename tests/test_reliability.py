@@ -277,7 +277,8 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(processed, tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
     cmd = [sys.executable, "-c", AT_SECOND_VALIDATION, str(ready), *crash_argv(processed, out, "--epochs", "3")]
     with open(tmp_path / "run.err", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=sigint_default)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=sigint_default)
     _launched.append(proc)
     assert wait_for(ready.exists, proc), (tmp_path / "run.err").read_text()
     proc.send_signal(signal.SIGINT)
