@@ -39,7 +39,7 @@ OUT = "checkpoints"      # --out: best_model.pth, last.pth, history.csv, curves.
 
 from base import InputError, exclusive_lock  # noqa: E402
 from data.augment import AUGMENT_LEVELS, BatchAugment, SpatialAugment  # noqa: E402
-from data.dataset import DeviceLoader, UnlabeledDataset  # noqa: E402
+from data.dataset import DeviceLoader, UnlabeledDataset, labelled_files  # noqa: E402
 from data.labels import OTHER_LABELS, TASK_CLASSES, TASKS, TYPE_TASKS  # noqa: E402
 from data.look import CROPS  # noqa: E402
 from engine.cross_validation import cross_validate  # noqa: E402
@@ -197,9 +197,7 @@ def make_unlabeled(args: argparse.Namespace, train_set, val_set, prep: dict, ctx
         return None, None, None
     if Path(args.unlabeled).resolve() == Path(args.data).resolve():
         raise InputError(f"--unlabeled {args.unlabeled} is --data itself; give a folder of slices without masks")
-    labelled = ([f for d in (train_set, val_set) for pair in getattr(d, "pairs", []) for f in pair]
-                + [c["image"] for d in (train_set, val_set) for c in getattr(d, "meta", {}).get("cases", {}).values()])
-    dataset = UnlabeledDataset(args.unlabeled, prep, exclude=labelled, log=log)
+    dataset = UnlabeledDataset(args.unlabeled, prep, exclude=labelled_files(train_set, val_set), log=log)
     batch = args.unlabeled_batch_size or args.batch_size
     if batch < 1 or len(dataset) < batch * ctx.world_size:
         raise InputError(f"--unlabeled {args.unlabeled}: {len(dataset)} slices, fewer than one batch of {batch}"

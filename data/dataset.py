@@ -344,6 +344,13 @@ def find_images(root: str | Path, exclude=()) -> list[Path]:
     return kept
 
 
+def labelled_files(*datasets) -> list:
+    """The files of labelled datasets, never to be read as unlabelled: pair folders' images and masks,
+    preprocessed sets' source volumes."""
+    return ([f for d in datasets for pair in getattr(d, "pairs", []) for f in pair]
+            + [c["image"] for d in datasets for c in getattr(d, "meta", {}).get("cases", {}).values()])
+
+
 class UnlabeledDataset(Dataset):
     """Slices without masks, for semi-supervised training (train.py --unlabeled).
 

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "evaluate", "infer"}
+SCRIPTS = {"train", "evaluate", "infer", "pretrain"}
 # which top-level parts of the project each part may import (itself included)
 ALLOWED = {
     "base": {"base"},
