@@ -110,7 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "border holds no outside air, else none); volume inference crops CT so")
     p.add_argument("--val-fraction", type=float, default=0.15, help="pair folders without a val part: held-out share")
     p.add_argument("--folds", type=int, default=0, help="pair folders: K-fold cross-validation, one run per fold")
-    p.add_argument("--fold", type=int, default=None, help="with --folds: run this fold only (0-based)")
+    p.add_argument("--fold", type=int, default=None,
+                   help="with --folds: run this fold only (0-based), into OUT/fold<I> as the whole run would")
     p.add_argument("--augment", default="basic", choices=AUGMENT_LEVELS,
                    help="basic: flips, 90-degree turns, intensity jitter; strong: also random scale/crop, rotation, "
                         "shift, elastic warp and noise, done per batch on the training device")
@@ -146,6 +147,8 @@ def main(args: argparse.Namespace, hooks: Hooks | None = None) -> dict:
         if not args.folds or args.fold is not None:
             if args.fold is not None and not 0 <= args.fold < max(args.folds, 1):
                 raise InputError(f"--fold {args.fold} needs --folds K with 0 <= fold < K")
+            if args.fold is not None and args.folds:  # where the whole cross-validation puts this fold
+                args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / f"fold{args.fold}")})
             return train(args, hold, hooks)
         return cross_validate(args, lambda fold_args: train(fold_args, hooks=hooks), hold)
 

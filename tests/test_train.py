@@ -359,6 +359,18 @@ def test_preprocessed_folder_without_splits_says_what_to_run(processed, tmp_path
     assert len(err) == 1 and "python -m data.split_data" in err[0]
 
 
+def test_one_fold_lands_where_the_whole_cross_validation_puts_it(processed, tmp_path, capsys):
+    data = tmp_path / "pairs"
+    export_pairs(processed, None, data, "Imgs", "GT", n=6)
+    out = tmp_path / "cv"
+    for fold in (1, 0):  # one by one into the same OUT: neither overwrites the other
+        run_train(train_argv(data, out, "--folds", "3", "--fold", str(fold), epochs=1))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["fold0", "fold1"]
+    for fold in (0, 1):
+        assert torch.load(out / f"fold{fold}" / "last.pth", weights_only=True)["args"]["fold"] == fold
+    assert "cv.json" not in {p.name for p in out.rglob("*")}, "a single fold is no cross-validation"
+
+
 def test_cross_validation_trains_one_model_per_fold(processed, tmp_path, capsys):
     data = tmp_path / "pairs"
     export_pairs(processed, None, data, "Imgs", "GT", n=12)
