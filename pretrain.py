@@ -22,6 +22,7 @@ rename. A killed or interrupted run leaves the last finished epoch's encoder.pth
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -125,6 +126,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device, dtype, out: Path) -> list[dict]:
+    """The restoration training on ``dataset`` (slices without masks), writing OUT's files; the history."""
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = DeepLabV3(in_channels=1, num_classes=1)
     torch.nn.init.zeros_(model.classifier[-1].bias)  # start at gray 0.5, not at a segmentation head's rare-class prior
@@ -152,16 +154,17 @@ def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device
         try:
             for images, corrupted in bar:
                 loss, _ = restoration_step(model, images, corrupted, device, dtype, fmt)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the restoration loss is {loss.item()} at epoch {epoch + 1}; "
+                value = loss.item()  # the one host sync of the step
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"the restoration loss is {value} at epoch {epoch + 1}; "
                                              f"try a lower --lr (now {args.lr:g})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total += loss.item()
-                baseline += F.mse_loss(corrupted, images).item()
-                bar.set_postfix(mse=f"{loss.item():.4f}")
+                total += value
+                baseline += F.mse_loss(corrupted, images).item()  # on the loader's CPU tensors
+                bar.set_postfix(mse=f"{value:.4f}")
         except KeyboardInterrupt:
             kept = f"{out / 'encoder.pth'} holds epoch {epoch}'s encoder" if epoch else "nothing was saved"
             raise KeyboardInterrupt(f"interrupted in epoch {epoch + 1}; {kept}") from None
