@@ -101,6 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=32, help="U-Net base width (32: ~7.8M parameters)")
     p.add_argument("--aux", action="store_true", help="DeepLabV3 auxiliary head (loss weight 0.4)")
     p.add_argument("--backbone-weights", default=None, help="DeepLabV3: ResNet-50 state dict to start from")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from the weights of this train.py checkpoint (same model and task; fine-tuning); "
+                        "'{fold}' is replaced by --fold")
     p.add_argument("--size", type=int, default=256, help="input side for image-mask pair folders")
     p.add_argument("--look-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="image-mask pair folders: the HU window their 8-bit images were shown in (default: "
@@ -224,14 +227,26 @@ def unlabeled_batches(loader, sampler, epoch: int):
         yield from loader
 
 
-def teacher_path(args: argparse.Namespace) -> Path | None:
-    """--teacher's file for this run ('{fold}' replaced by --fold), or None."""
-    if not args.teacher:
+def fold_path(args: argparse.Namespace, flag: str) -> Path | None:
+    """The file of --teacher or --init (``flag``) for this run ('{fold}' replaced by --fold), or None."""
+    value = getattr(args, flag)
+    if not value:
         return None
-    if "{fold}" in args.teacher and args.fold is None:
-        raise InputError(f"--teacher {args.teacher}: '{{fold}}' names each fold's teacher; "
-                         f"this run is no fold of --folds K")
-    return Path(args.teacher.replace("{fold}", str(args.fold)))
+    if "{fold}" in value and args.fold is None:
+        raise InputError(f"--{flag} {value}: '{{fold}}' names each fold's file; this run is no fold of --folds K")
+    return Path(value.replace("{fold}", str(args.fold)))
+
+
+def teacher_path(args: argparse.Namespace) -> Path | None:
+    """--teacher's file for this run, or None."""
+    return fold_path(args, "teacher")
+
+
+def file_record(path: Path | None) -> dict | None:
+    """A file a run depends on, as its checkpoints record it: its path and the start of its sha256."""
+    if path is None:
+        return None
+    return {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
 
 
 def load_teacher(args: argparse.Namespace, prep: dict, channels: int, device: torch.device, fmt):
@@ -280,8 +295,7 @@ def semi_record(args: argparse.Namespace, dataset) -> dict | None:
             "confidence": args.confidence, "batch_size": args.unlabeled_batch_size or args.batch_size,
             "unlabeled": {"path": str(Path(args.unlabeled).resolve()), "count": len(names),
                           "items": hashlib.sha256(repr(names).encode()).hexdigest()[:16]},
-            **({"teacher": {"path": str(teacher.resolve()),
-                            "sha256": hashlib.sha256(teacher.read_bytes()).hexdigest()[:16]}} if teacher else {})}
+            **({"teacher": file_record(teacher)} if teacher else {})}
 
 
 def make_criterion(args: argparse.Namespace, hooks: Hooks, loss_name: str, train_set, log=print):
@@ -305,8 +319,18 @@ def make_criterion(args: argparse.Namespace, hooks: Hooks, loss_name: str, train
 def make_model(args: argparse.Namespace, in_channels: int, channels: int, ctx: distributed.Context,
                device: torch.device, fmt):
     """The model of --model with its options (``in_channels`` from the data, ``channels`` outputs from the loss),
-    --backbone-weights loaded, on ``device`` in layout ``fmt``."""
+    --init's or --backbone-weights' weights loaded, on ``device`` in layout ``fmt``."""
     model = build_model(args.model, in_channels=in_channels, num_classes=channels, **model_options(args.model, **vars(args)))
+    init = fold_path(args, "init")
+    if init is not None:
+        if args.backbone_weights:
+            raise InputError("--init and --backbone-weights both give starting weights: pass one")
+        ckpt = safe_load(init, "--init checkpoint")
+        wanted = {"name": args.model, **model.config}
+        if ckpt.get("model_config") != wanted or ckpt.get("task") != args.task:
+            raise InputError(f"{init}: holds {ckpt.get('model_config')} for task {ckpt.get('task')!r}; this run "
+                             f"trains {wanted} for task {args.task!r} (pass its --model/--width/--loss/--task)")
+        model.load_state_dict(model_from_checkpoint(ckpt, init).state_dict())
     if args.backbone_weights:
         if args.model != "deeplabv3":
             raise InputError("--backbone-weights applies to --model deeplabv3 only")
@@ -333,7 +357,7 @@ def run_record(args: argparse.Namespace, model, channels: int, loss_name: str, p
     state = {"model_config": {"name": args.model, **model.config}, "num_classes": channels, "task": args.task,
              "loss": loss_name, "preprocessing": prep, "data": data, "labels": labels,
              "other_labels": args.other_labels if types else None,
-             "class_weights": weights, "semi": semi,
+             "class_weights": weights, "semi": semi, "init": file_record(fold_path(args, "init")),
              "inference": {"tta": args.tta},
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
     state["args"]["data_on_device"] = on_device  # what the default chose, not None
@@ -357,7 +381,8 @@ def describe_run(args: argparse.Namespace, model, channels: int, loss_name: str,
             f"{device}{' with ' + str(dtype).replace('torch.', '') + ' autocast' if dtype else ''}: "
             f"{n_train} train / {n_val} val slices"
             + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else "")
-            + (f"; data held on {device}" if on_device else "") + ("; torch.compile" if args.compile else ""))
+            + (f"; data held on {device}" if on_device else "") + ("; torch.compile" if args.compile else "")
+            + (f"; starting from the weights of {fold_path(args, 'init')}" if args.init else ""))
 
 
 def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, hooks: Hooks | None = None) -> dict:

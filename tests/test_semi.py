@@ -614,7 +614,7 @@ def test_a_teacher_that_does_not_fit_the_run_is_refused_naming_its_file(semi_dat
                                      rf"this run as .*'size': {SIDE}")
     missing = tmp_path / "nowhere" / "last.pth"
     refused(missing, rf"{missing}: teacher checkpoint not found")
-    refused(tmp_path / "fold{fold}" / "last.pth", r"'\{fold\}' names each fold's teacher; this run is no fold")
+    refused(tmp_path / "fold{fold}" / "last.pth", r"'\{fold\}' names each fold's file; this run is no fold")
     out = tmp_path / "supervised"
     with pytest.raises(InputError, match=r"--teacher is for self-training: give --unlabeled DIR too"):
         run_train(train_argv(semi_data["pairs"], out, "--size", str(SIDE), "--teacher", str(fixed_teachers["a"])))

@@ -359,6 +359,34 @@ def test_preprocessed_folder_without_splits_says_what_to_run(processed, tmp_path
     assert len(err) == 1 and "python -m data.split_data" in err[0]
 
 
+def test_init_starts_from_the_weights_of_a_checkpoint(trained, processed, tmp_path):
+    # at learning rate 0 the weights stay where they started: the checkpoint's with --init, fresh ones without
+    source = trained["out"] / "last.pth"
+    flags = ("--lr", "0", "--sched", "none", "--no-augment", "--seed", "3")
+    run_train(train_argv(processed, tmp_path / "ft", "--init", str(source), *flags, width=8))
+    run_train(train_argv(processed, tmp_path / "scratch", *flags, width=8))
+    held = torch.load(source, weights_only=True)
+    tuned = torch.load(tmp_path / "ft" / "last.pth", weights_only=True)
+    scratch = torch.load(tmp_path / "scratch" / "last.pth", weights_only=True)
+    weights = [k for k, v in held["model"].items() if v.is_floating_point() and "running" not in k]
+    assert all(torch.equal(tuned["model"][k], held["model"][k]) for k in weights)
+    assert not all(torch.equal(scratch["model"][k], held["model"][k]) for k in weights)
+    assert tuned["init"]["path"] == str(source.resolve()) and len(tuned["init"]["sha256"]) == 16
+    assert scratch["init"] is None
+
+
+def test_init_from_another_model_or_without_a_fold_is_refused(trained, processed, tmp_path):
+    source = trained["out"] / "last.pth"
+    with pytest.raises(InputError, match=re.escape(str(source)) + ".*'width': 8.*'width': 4"):
+        run_train(train_argv(processed, tmp_path / "a", "--init", str(source), width=4))
+    with pytest.raises(InputError, match="--init and --backbone-weights"):
+        run_train(train_argv(processed, tmp_path / "b", "--init", str(source), "--backbone-weights", str(source),
+                             width=8))
+    with pytest.raises(InputError, match="'{fold}' names each fold's file"):
+        run_train(train_argv(processed, tmp_path / "c", "--init", str(tmp_path / "fold{fold}.pth"), width=8))
+    assert not any((tmp_path / d).exists() for d in "abc"), "a refused run writes nothing"
+
+
 def test_one_fold_lands_where_the_whole_cross_validation_puts_it(processed, tmp_path, capsys):
     data = tmp_path / "pairs"
     export_pairs(processed, None, data, "Imgs", "GT", n=6)
