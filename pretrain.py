@@ -44,7 +44,7 @@ OUT = "checkpoints/encoder"    # --out: encoder.pth, history.csv, restorations.p
 from base import InputError, exclusive_lock  # noqa: E402
 from data.dataset import UnlabeledDataset, labelled_files  # noqa: E402
 from engine.pretraining import RestorationPairs  # noqa: E402
-from engine.training import build_datasets, make_scheduler  # noqa: E402
+from engine.training import build_datasets, loader_workers, make_scheduler  # noqa: E402
 from models import DeepLabV3  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, save_checkpoint  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
@@ -133,7 +133,7 @@ def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device
     model = model.to(device, memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     pairs, loader_gen = RestorationPairs(dataset, args.seed), torch.Generator()
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    workers = loader_workers(args.workers, device)
     loader = DataLoader(pairs, args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         generator=loader_gen, pin_memory=device.type == "cuda")
     scheduler = make_scheduler(optimizer, "onecycle", args.epochs * len(loader), 0)

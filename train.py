@@ -46,8 +46,8 @@ from engine.cross_validation import cross_validate  # noqa: E402
 from engine.semi import SEMI_METHODS, SemiSupervised  # noqa: E402
 from engine.training import (LOCK_HOLDER, OUTPUTS, Hooks, Progress, RunState, best_epoch, build_datasets,  # noqa: E402
                              checkpoint, class_weights, data_on_device, data_record, default_loss, divergence_advice,
-                             history_row,
-                             is_better, make_scheduler, resume, save, train_one_epoch, where_saved)
+                             history_row, is_better, loader_workers, make_scheduler, resume, save, train_one_epoch,
+                             where_saved)
 from models import MODEL_NAMES, build_model, model_from_checkpoint, model_options  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load  # noqa: E402
@@ -156,17 +156,12 @@ def main(args: argparse.Namespace, hooks: Hooks | None = None) -> dict:
         return cross_validate(args, lambda fold_args: train(fold_args, hooks=hooks), hold)
 
 
-def loader_workers(args: argparse.Namespace, device: torch.device) -> int:
-    """DataLoader workers: --workers, or by default 0 on the CPU and 4 on CUDA."""
-    return args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-
-
 def make_loaders(args: argparse.Namespace, train_set, val_set, ctx: distributed.Context, device: torch.device):
     """The training and validation loaders and the training sampler, with the data on the device or not.
 
     Returns (train_loader, val_loader, sampler, generator of the loader's workers, data on the device).
     """
-    workers = loader_workers(args, device)
+    workers = loader_workers(args.workers, device)
     gen = torch.Generator()
     # The sampler's shuffle depends on (seed, epoch) only; under torchrun each rank takes every world_size-th
     # index of the same permutation, so N processes with batch B see the global batches of one with N*B.
@@ -212,7 +207,7 @@ def make_unlabeled(args: argparse.Namespace, train_set, val_set, prep: dict, ctx
     if on_device:
         loader = DeviceLoader(dataset, batch, sampler, device, drop_last=True, progress=args.progress and ctx.is_main)
     else:
-        workers = loader_workers(args, device)
+        workers = loader_workers(args.workers, device)
         # a generator of its own: starting the loader must not draw from the global RNG (augmentation)
         loader = DataLoader(dataset, batch, sampler=sampler, drop_last=True, num_workers=workers,
                             generator=torch.Generator(), pin_memory=device.type == "cuda")

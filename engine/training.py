@@ -117,6 +117,11 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     return kind(params, lr=lr, weight_decay=weight_decay)
 
 
+def loader_workers(workers: int | None, device: torch.device) -> int:
+    """DataLoader workers: ``workers`` (--workers) when given, else 0 on the CPU and 4 on CUDA."""
+    return workers if workers is not None else (4 if device.type == "cuda" else 0)
+
+
 def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int):
     """Per-iteration LR schedule: linear warm-up then cosine decay to zero; torch's one-cycle (30% rise
     from lr/25, cosine fall to lr/25e4, momentum cycled the other way); or constant."""
