@@ -232,11 +232,6 @@ def fold_path(args: argparse.Namespace, flag: str) -> Path | None:
     return Path(value.replace("{fold}", str(args.fold)))
 
 
-def teacher_path(args: argparse.Namespace) -> Path | None:
-    """--teacher's file for this run, or None."""
-    return fold_path(args, "teacher")
-
-
 def file_record(path: Path | None) -> dict | None:
     """A file a run depends on, as its checkpoints record it: its path and the start of its sha256."""
     if path is None:
@@ -247,7 +242,7 @@ def file_record(path: Path | None) -> dict | None:
 def load_teacher(args: argparse.Namespace, prep: dict, channels: int, device: torch.device, fmt):
     """--teacher's model on ``device``, after checking that it fits the run: the same task, output channels
     and preprocessing (look included), so its maps are targets the student can learn. None without it."""
-    path = teacher_path(args)
+    path = fold_path(args, "teacher")
     if path is None:
         return None
     if not args.unlabeled:
@@ -276,7 +271,7 @@ def make_semi(args: argparse.Namespace, model, steps: int, train_set, val_set, p
     semi = SemiSupervised(model, args.semi, args.unlabeled_weight, args.epochs * steps, args.ema_decay,
                           args.confidence, teacher)
     log(f"semi-supervised ({args.semi}) with {len(unlabeled)} unlabelled slices, {loader.batch_size} per step; "
-        f"teacher: {teacher_path(args) if teacher else f'the EMA of the student (decay {args.ema_decay:g})'}")
+        f"teacher: {fold_path(args, 'teacher') if teacher else f'the EMA of the student (decay {args.ema_decay:g})'}")
     return semi, (lambda epoch: unlabeled_batches(loader, sampler, epoch)), semi_record(args, unlabeled)
 
 
@@ -285,7 +280,7 @@ def semi_record(args: argparse.Namespace, dataset) -> dict | None:
     if dataset is None:
         return None
     names = sorted(dataset.case_of(i) for i in range(len(dataset)))
-    teacher = teacher_path(args)
+    teacher = fold_path(args, "teacher")
     return {"method": args.semi, "weight": args.unlabeled_weight, "ema_decay": args.ema_decay,
             "confidence": args.confidence, "batch_size": args.unlabeled_batch_size or args.batch_size,
             "unlabeled": {"path": str(Path(args.unlabeled).resolve()), "count": len(names),
