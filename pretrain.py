@@ -1,21 +1,25 @@
-"""Pretrain DeepLabV3's ResNet-50 encoder on CT slices without masks, for train.py --backbone-weights.
+"""Pretrain a segmentation model on CT slices without masks, for train.py --backbone-weights.
 
-    python pretrain.py --data LABELLED --unlabeled DIR --out runs/encoder
+    python pretrain.py --model unet --width 16 --data LABELLED --unlabeled DIR --out runs/pretrained
+    python train.py --data LABELLED --width 16 --backbone-weights runs/pretrained/encoder.pth
+
+    python pretrain.py --model deeplabv3 --data LABELLED --unlabeled DIR --out runs/encoder
     python train.py --data LABELLED --model deeplabv3 --backbone-weights runs/encoder/encoder.pth
 
 Labelled CT is scarce, ImageNet weights cannot always be downloaded (and ImageNet is not CT), while slices
 without masks fill every hospital archive. This learns from them by restoration (Models Genesis, Zhou et
 al. 2019; engine/pretraining.py): each slice is corrupted (local pixel shuffling, a non-linear gray-level
-curve, in- or out-painting) and the whole DeepLabV3, with a one-channel sigmoid head, learns to give the
-original slice back (mean squared error). Only the encoder is kept.
+curve, in- or out-painting) and the whole model, with a one-channel sigmoid head, learns to give the
+original slice back (mean squared error). Kept for fine-tuning: the U-Net's encoder and decoder (all but
+its output convolution, as Models Genesis fine-tunes its U-Net), DeepLabV3's ResNet-50 encoder.
 
---data is the labelled data the encoder will be fine-tuned on: the unlabelled slices are prepared as
+--data is the labelled data the model will be fine-tuned on: the unlabelled slices are prepared as
 train.py --unlabeled prepares them for it (its --size; image files moved into its look), and its own
 files are never read as unlabelled, so a cross-validation on it keeps every validation slice unseen.
 --unlabeled takes a folder of image files (searched recursively, any mode) or a data.preprocess folder.
 
-Writes OUT/encoder.pth (the backbone's state dict, `backbone.*` keys, with a "pretraining" record) after
-every epoch, OUT/history.csv (restoration MSE per epoch, beside the corrupted slices' own MSE) and
+Writes OUT/encoder.pth (those weights, keyed as in the model's state dict, with a "pretraining" record)
+after every epoch, OUT/history.csv (restoration MSE per epoch, beside the corrupted slices' own MSE) and
 OUT/restorations.png (four slices: original, corrupted, restored), each through a temporary file and a
 rename. A killed or interrupted run leaves the last finished epoch's encoder.pth; a new run starts over.
 """
@@ -35,6 +39,8 @@ from tqdm import tqdm
 # ---- Edit these, then run `python pretrain.py` (each can also be set by the flag named beside it) ----
 DATA = "data/processed"        # --data: the labelled data to fine-tune on (its preprocessing; its files left out)
 UNLABELED = None               # --unlabeled: folder of slices without masks
+MODEL = "unet"                 # --model: unet | deeplabv3 (train.py's)
+WIDTH = 32                     # --width: U-Net base width (train.py's)
 EPOCHS = 3                     # --epochs
 BATCH_SIZE = 8                 # --batch-size
 LR = 1e-3                      # --lr (AdamW, one-cycle)
@@ -45,7 +51,7 @@ from base import InputError, exclusive_lock  # noqa: E402
 from data.dataset import UnlabeledDataset, labelled_files  # noqa: E402
 from engine.pretraining import RestorationPairs  # noqa: E402
 from engine.training import build_datasets, loader_workers, make_scheduler  # noqa: E402
-from models import DeepLabV3  # noqa: E402
+from models import MODEL_NAMES, build_model, model_options  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, save_checkpoint  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
 from utils.helpers import amp_dtype, autocast, resolve_device, save_png, seed_everything, write_csv  # noqa: E402
@@ -59,6 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DATA, help="the labelled data (preprocessed folder or image-mask pairs)")
     p.add_argument("--unlabeled", default=UNLABELED, metavar="DIR",
                    help="slices without masks: image files (searched recursively) or a data.preprocess folder")
+    p.add_argument("--model", default=MODEL, choices=MODEL_NAMES, help="the model train.py will fine-tune")
+    p.add_argument("--width", type=int, default=WIDTH, help="U-Net base width (train.py --width's)")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR, help="peak of the one-cycle schedule (AdamW)")
@@ -84,9 +92,11 @@ def restoration_step(model, images: torch.Tensor, corrupted: torch.Tensor, devic
     return F.mse_loss(restored, images), restored
 
 
-def encoder_state(model: DeepLabV3) -> dict:
-    """The backbone's weights and buffers, keyed as in a DeepLabV3 state dict (``backbone.*``), on the CPU."""
-    return {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+def encoder_state(model, name: str) -> dict:
+    """The weights and buffers train.py --backbone-weights takes, keyed as in the model's state dict, on the
+    CPU: DeepLabV3's backbone (``backbone.*``); all of the U-Net but its output convolution."""
+    keep = (lambda key: key.startswith("backbone.")) if name == "deeplabv3" else (lambda key: not key.startswith("head."))
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
 
 
 def restorations_figure(model, pairs: RestorationPairs, device: torch.device, dtype, fmt) -> np.ndarray:
@@ -128,8 +138,9 @@ def main(args: argparse.Namespace) -> list[dict]:
 def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device, dtype, out: Path) -> list[dict]:
     """The restoration training on ``dataset`` (slices without masks), writing OUT's files; the history."""
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = DeepLabV3(in_channels=1, num_classes=1)
-    torch.nn.init.zeros_(model.classifier[-1].bias)  # start at gray 0.5, not at a segmentation head's rare-class prior
+    model = build_model(args.model, 1, 1, **model_options(args.model, width=args.width, aux=False))
+    out_conv = model.classifier[-1] if args.model == "deeplabv3" else model.head
+    torch.nn.init.zeros_(out_conv.bias)  # start at gray 0.5, not at a segmentation head's rare-class prior
     model = model.to(device, memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     pairs, loader_gen = RestorationPairs(dataset, args.seed), torch.Generator()
@@ -137,10 +148,12 @@ def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device
     loader = DataLoader(pairs, args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         generator=loader_gen, pin_memory=device.type == "cuda")
     scheduler = make_scheduler(optimizer, "onecycle", args.epochs * len(loader), 0)
-    print(f"pretraining DeepLabV3-ResNet50 by restoration on {len(dataset)} slices without masks, {device}"
+    name = "DeepLabV3-ResNet50" if args.model == "deeplabv3" else f"U-Net width {args.width}"
+    print(f"pretraining {name} by restoration on {len(dataset)} slices without masks, {device}"
           + (f" with {str(dtype).replace('torch.', '')} autocast" if dtype else "")
           + f", {args.epochs} epochs of {len(loader)} steps -> {out / 'encoder.pth'}", flush=True)
-    record = {"method": "models-genesis restoration", "unlabeled": str(Path(args.unlabeled).resolve()),
+    record = {"method": "models-genesis restoration", "model_config": {"name": args.model, **model.config},
+              "unlabeled": str(Path(args.unlabeled).resolve()),
               "slices": len(dataset), "data": str(Path(args.data).resolve()), "preprocessing": prep,
               "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
     history = []
@@ -173,11 +186,12 @@ def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device
                         "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)})
         print(f"epoch {epoch + 1}/{args.epochs}: restoration MSE {total / steps:.4f} (the corrupted slices' "
               f"{baseline / steps:.4f})  ({history[-1]['seconds']:.0f}s)", flush=True)
-        save_checkpoint({"model": encoder_state(model),
+        save_checkpoint({"model": encoder_state(model, args.model),
                          "pretraining": {**record, "epochs": epoch + 1, "history": history}}, out / "encoder.pth")
         write_csv(history, out / "history.csv")
     save_png(restorations_figure(model, pairs, device, dtype, fmt), out / "restorations.png")
-    print(f"encoder: {out / 'encoder.pth'} (train.py --model deeplabv3 --backbone-weights {out / 'encoder.pth'}); "
+    flags = "--model deeplabv3" if args.model == "deeplabv3" else f"--model unet --width {args.width}"
+    print(f"pretrained weights: {out / 'encoder.pth'} (train.py {flags} --backbone-weights {out / 'encoder.pth'}); "
           f"{out / 'restorations.png'} shows original, corrupted and restored slices")
     return history
 

@@ -48,7 +48,7 @@ from engine.training import (LOCK_HOLDER, OUTPUTS, Hooks, Progress, RunState, be
                              checkpoint, class_weights, data_on_device, data_record, default_loss, divergence_advice,
                              history_row, is_better, loader_workers, make_scheduler, resume, save, train_one_epoch,
                              where_saved)
-from models import MODEL_NAMES, build_model, model_from_checkpoint, model_options  # noqa: E402
+from models import MODEL_NAMES, build_model, load_pretrained, model_from_checkpoint, model_options  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
@@ -100,7 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine schedule's linear warm-up")
     p.add_argument("--width", type=int, default=32, help="U-Net base width (32: ~7.8M parameters)")
     p.add_argument("--aux", action="store_true", help="DeepLabV3 auxiliary head (loss weight 0.4)")
-    p.add_argument("--backbone-weights", default=None, help="DeepLabV3: ResNet-50 state dict to start from")
+    p.add_argument("--backbone-weights", default=None,
+                   help="pretrained weights to start from: pretrain.py's encoder.pth (U-Net or DeepLabV3), or "
+                        "a ResNet-50 state dict for DeepLabV3")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from the weights of this train.py checkpoint (same model and task; fine-tuning); "
                         "'{fold}' is replaced by --fold")
@@ -322,12 +324,9 @@ def make_model(args: argparse.Namespace, in_channels: int, channels: int, ctx: d
                              f"trains {wanted} for task {args.task!r} (pass its --model/--width/--loss/--task)")
         model.load_state_dict(model_from_checkpoint(ckpt, init).state_dict())
     if args.backbone_weights:
-        if args.model != "deeplabv3":
-            raise InputError("--backbone-weights applies to --model deeplabv3 only")
-        from models.deeplabv3 import load_backbone_weights
         state = safe_load(args.backbone_weights, "backbone weights file")
         try:
-            load_backbone_weights(model, state)
+            load_pretrained(model, state)
         except (TypeError, ValueError) as e:
             raise InputError(f"{args.backbone_weights}: {e}") from None
     if ctx.enabled and device.type == "cuda" and args.sync_bn:
@@ -348,6 +347,7 @@ def run_record(args: argparse.Namespace, model, channels: int, loss_name: str, p
              "loss": loss_name, "preprocessing": prep, "data": data, "labels": labels,
              "other_labels": args.other_labels if types else None,
              "class_weights": weights, "semi": semi, "init": file_record(fold_path(args, "init")),
+             "pretrained": file_record(Path(args.backbone_weights) if args.backbone_weights else None),
              "inference": {"tta": args.tta},
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
     state["args"]["data_on_device"] = on_device  # what the default chose, not None
@@ -372,7 +372,8 @@ def describe_run(args: argparse.Namespace, model, channels: int, loss_name: str,
             f"{n_train} train / {n_val} val slices"
             + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else "")
             + (f"; data held on {device}" if on_device else "") + ("; torch.compile" if args.compile else "")
-            + (f"; starting from the weights of {fold_path(args, 'init')}" if args.init else ""))
+            + (f"; starting from the weights of {fold_path(args, 'init')}" if args.init else "")
+            + (f"; starting from the pretrained weights of {args.backbone_weights}" if args.backbone_weights else ""))
 
 
 def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, hooks: Hooks | None = None) -> dict:

@@ -12,15 +12,15 @@ from torch import nn
 from base import InputError
 
 from .deeplabv3 import DeepLabV3, load_backbone_weights
-from .unet import UNet
+from .unet import UNet, load_pretrained_weights
 
 _MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "deeplabv3": DeepLabV3}
 MODEL_NAMES = tuple(_MODELS)
 # the constructor options each model takes from the command line (train.py --width, --aux)
 _OPTIONS: dict[str, tuple[str, ...]] = {"unet": ("width",), "deeplabv3": ("aux",)}
 
-__all__ = ["MODEL_NAMES", "DeepLabV3", "UNet", "build_model", "load_backbone_weights", "model_from_checkpoint",
-           "model_options"]
+__all__ = ["MODEL_NAMES", "DeepLabV3", "UNet", "build_model", "load_backbone_weights", "load_pretrained",
+           "model_from_checkpoint", "model_options"]
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **kwargs) -> nn.Module:
@@ -49,6 +49,23 @@ def model_options(name: str, **options) -> dict:
     if name not in _MODELS:
         raise InputError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
     return {k: options[k] for k in _OPTIONS[name] if k in options}
+
+
+def load_pretrained(model: nn.Module, state: dict) -> None:
+    """Start ``model`` from pretrained weights (train.py --backbone-weights), in place: a DeepLabV3 from a
+    ResNet-50 or DeepLabV3 state dict (:func:`load_backbone_weights`), a U-Net from pretrain.py's encoder.pth
+    (:func:`load_pretrained_weights`). ``state`` may be wrapped as ``{"model": ...}``.
+
+    Raises ValueError (or TypeError) saying what in ``state`` does not fit the model.
+    """
+    if isinstance(model, DeepLabV3):
+        load_backbone_weights(model, state)
+        return
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise TypeError(f"expected a state dict (mapping of name -> tensor), got {type(state).__name__}")
+    load_pretrained_weights(model, state)
 
 
 def _describe_mismatch(held: dict, wanted: dict) -> str:

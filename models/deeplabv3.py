@@ -95,7 +95,8 @@ def load_backbone_weights(
         were not loaded (e.g. `fc.weight`, `fc.bias`). Both are also reported with `warnings.warn`.
 
     Raises:
-        ValueError: a source key's tensor has a different shape from the model's (after the conv1 adaptation).
+        ValueError: a source key's tensor has a different shape from the model's (after the conv1 adaptation),
+            or no key of the source is a backbone weight.
     """
     if not isinstance(model, DeepLabV3):
         raise TypeError(f"load_backbone_weights expects a models.deeplabv3.DeepLabV3, got {type(model).__name__}")
@@ -126,6 +127,9 @@ def load_backbone_weights(
             )
         to_load[name] = value
 
+    if not to_load:
+        raise ValueError(f"holds no ResNet-50 weights ({len(state)} keys, e.g. {', '.join(list(state)[:2])}); "
+                         f"expected a torchvision ResNet-50's (conv1.weight, layer1.0...) or a DeepLabV3's (backbone.*)")
     result = model.backbone.load_state_dict(to_load, strict=False)
     assert not result.unexpected_keys, "keys were filtered against the backbone's own state dict"
     missing = [f"backbone.{key}" for key in result.missing_keys]

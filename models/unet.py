@@ -84,3 +84,25 @@ class UNet(nn.Module):
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(x, skip)
         return self.head(x)
+
+
+def load_pretrained_weights(model: UNet, state: dict) -> list[str]:
+    """Load a pretrained U-Net's weights (pretrain.py --model unet) into ``model``, all but its output convolution.
+
+    The encoder (``stem.*``, ``downs.*``) must be in ``state`` with the model's shapes; the decoder (``ups.*``)
+    is loaded when ``state`` holds it. Returns the model keys loaded. Raises ValueError naming what does not fit.
+    """
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    encoder = [k for k in own if k.startswith(("stem.", "downs."))]
+    missing = [k for k in encoder if k not in state]
+    if missing:
+        raise ValueError(f"holds no U-Net encoder: {len(missing)} of the model's {len(encoder)} encoder weights are "
+                         f"not in it ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''}); "
+                         f"pretrain.py --model unet writes one")
+    loaded = [k for k in own if k in state]
+    for key in loaded:
+        if tuple(state[key].shape) != tuple(own[key].shape):
+            raise ValueError(f"{key} is {tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in the model "
+                             f"(pretrain.py's --width must be train.py's)")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return loaded

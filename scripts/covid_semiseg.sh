@@ -4,6 +4,10 @@
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --task lesion-types   # ground-glass opacity / consolidation
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --unlabeled UNLABELED_DIR   # semi-supervised (train.py --semi)
+#   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --backbone-weights PRE/encoder.pth   # from a pretrained U-Net
+#
+# PRE/encoder.pth: `python pretrain.py --data TRAIN_DIR --unlabeled UNLABELED_DIR --out PRE --width 16 --epochs 10`:
+# the recipe's U-Net pretrained on slices without masks (README, "With the 1,600 unlabelled slices").
 #
 # UNLABELED_DIR: slices without masks (COVID-SemiSeg's TrainingSet/LungInfection-Train/Unlabeled), used in
 # every fold; the fold's validation slices are never among them (train.py leaves the labelled files out).

@@ -129,6 +129,14 @@ def test_load_backbone_weights_reports_missing(resnet_state):
     assert "backbone.layer4.0.conv1.weight" in missing
 
 
+def test_load_backbone_weights_refuses_a_file_with_no_backbone_weight():
+    model = DeepLabV3()
+    before = model.backbone.conv1.weight.clone()
+    with pytest.raises(ValueError, match="holds no ResNet-50 weights.*stem.0.weight"):
+        load_backbone_weights(model, UNet(width=4).state_dict())
+    assert torch.equal(model.backbone.conv1.weight, before)
+
+
 def test_load_backbone_weights_wrong_shape_raises(resnet_state):
     bad = dict(resnet_state)
     bad["layer1.0.conv1.weight"] = torch.zeros(64, 32, 1, 1)

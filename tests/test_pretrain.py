@@ -1,5 +1,6 @@
-"""Encoder pretraining on slices without masks (pretrain.py, engine/pretraining.py; issue 17): the Models
-Genesis corruptions, the restoration step, and pretrain.py end to end into train.py --backbone-weights."""
+"""Pretraining on slices without masks (pretrain.py, engine/pretraining.py; issue 17): the Models Genesis
+corruptions, the restoration step, and pretrain.py end to end into train.py --backbone-weights (U-Net and
+DeepLabV3)."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,7 @@ import pretrain
 import train
 from base import InputError
 from engine.pretraining import RestorationPairs, corrupt, paint, remap_intensity, shuffle_pixels
-from models import DeepLabV3, load_backbone_weights
+from models import DeepLabV3, UNet, load_backbone_weights
 from utils.checkpoint import safe_load
 
 SIDE = 32
@@ -129,7 +130,7 @@ def _pretrain(labelled, unlabeled, out, *extra):
 def test_pretrain_writes_an_encoder_that_train_py_starts_from(folders, tmp_path, capsys):
     labelled, unlabeled = folders
     out = tmp_path / "encoder"
-    history = _pretrain(labelled, unlabeled, out)
+    history = _pretrain(labelled, unlabeled, out, "--model", "deeplabv3")
     assert [row["epoch"] for row in history] == [1, 2]
     ckpt = safe_load(out / "encoder.pth")
     state, record = ckpt["model"], ckpt["pretraining"]
@@ -155,6 +156,48 @@ def test_pretrain_writes_an_encoder_that_train_py_starts_from(folders, tmp_path,
     result = train.main(train.get_args_parser().parse_args(argv))
     assert len(result["history"]) == 1
     assert safe_load(run / "last.pth")["args"]["backbone_weights"] == str(out / "encoder.pth")
+
+
+def _weights(state: dict) -> dict:
+    """The learned tensors of a state dict (no batch-norm statistics, which a training step moves at any lr)."""
+    return {k: v for k, v in state.items() if v.is_floating_point() and "running" not in k}
+
+
+def test_pretrained_unet_starts_train_py_with_all_but_its_output_convolution(folders, tmp_path, capsys):
+    labelled, unlabeled = folders
+    out = tmp_path / "pretrained"
+    _pretrain(labelled, unlabeled, out, "--model", "unet", "--width", "4")
+    assert "train.py --model unet --width 4 --backbone-weights" in capsys.readouterr().out
+    ckpt = safe_load(out / "encoder.pth")
+    assert set(ckpt["model"]) == {k for k in UNet(width=4).state_dict() if not k.startswith("head.")}
+    assert ckpt["pretraining"]["model_config"] == {"name": "unet", "in_channels": 1, "num_classes": 1, "width": 4}
+
+    def run(name, *extra):  # at learning rate 0 a run keeps the weights it starts from
+        argv = ["--data", str(labelled), "--out", str(tmp_path / name), "--size", str(SIDE), "--epochs", "1",
+                "--batch-size", "2", "--device", "cpu", "--no-progress", "--lr", "0", "--sched", "none",
+                "--no-augment", *extra]
+        train.main(train.get_args_parser().parse_args(argv))
+        return _weights(safe_load(tmp_path / name / "last.pth")["model"])
+
+    started = run("tuned", "--width", "4", "--backbone-weights", str(out / "encoder.pth"))
+    assert f"starting from the pretrained weights of {out / 'encoder.pth'}" in capsys.readouterr().out
+    record = safe_load(tmp_path / "tuned" / "last.pth")["pretrained"]
+    assert record["path"] == str((out / "encoder.pth").resolve()) and len(record["sha256"]) == 16
+    fresh = run("fresh", "--width", "4")
+    assert safe_load(tmp_path / "fresh" / "last.pth")["pretrained"] is None
+    pretrained = _weights(ckpt["model"])
+    assert all(torch.equal(started[k], v) for k, v in pretrained.items())
+    assert not any(torch.equal(fresh[k], v) for k, v in pretrained.items() if v.numel() > 1)
+    assert torch.equal(started["head.weight"], fresh["head.weight"]), "the output convolution starts fresh"
+
+    with pytest.raises(InputError, match=f"{out / 'encoder.pth'}: .*in the file.*--width"):
+        run("wider", "--width", "8", "--backbone-weights", str(out / "encoder.pth"))
+    _pretrain(labelled, unlabeled, tmp_path / "deeplab", "--model", "deeplabv3", "--epochs", "1")
+    with pytest.raises(InputError, match="holds no U-Net encoder"):
+        run("crossed", "--width", "4", "--backbone-weights", str(tmp_path / "deeplab" / "encoder.pth"))
+    with pytest.raises(InputError, match="holds no ResNet-50 weights"):
+        run("crossed2", "--model", "deeplabv3", "--backbone-weights", str(out / "encoder.pth"))
+    assert not any((tmp_path / name).exists() for name in ("wider", "crossed", "crossed2")), "refused runs write nothing"
 
 
 def test_pretrain_refuses_to_replace_an_encoder_unless_asked(folders, tmp_path):
