@@ -51,7 +51,7 @@ from base import InputError, exclusive_lock  # noqa: E402
 from data.dataset import UnlabeledDataset, labelled_files  # noqa: E402
 from engine.pretraining import RestorationPairs  # noqa: E402
 from engine.training import build_datasets, loader_workers, make_scheduler  # noqa: E402
-from models import MODEL_NAMES, build_model, model_options  # noqa: E402
+from models import MODEL_NAMES, build_model, model_options, pretrained_state  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, save_checkpoint  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
 from utils.helpers import amp_dtype, autocast, resolve_device, save_png, seed_everything, write_csv  # noqa: E402
@@ -90,13 +90,6 @@ def restoration_step(model, images: torch.Tensor, corrupted: torch.Tensor, devic
         logits = model(corrupted.to(device, memory_format=fmt))
     restored = torch.sigmoid(logits.float())
     return F.mse_loss(restored, images), restored
-
-
-def encoder_state(model, name: str) -> dict:
-    """The weights and buffers train.py --backbone-weights takes, keyed as in the model's state dict, on the
-    CPU: DeepLabV3's backbone (``backbone.*``); all of the U-Net but its output convolution."""
-    keep = (lambda key: key.startswith("backbone.")) if name == "deeplabv3" else (lambda key: not key.startswith("head."))
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
 
 
 def restorations_figure(model, pairs: RestorationPairs, device: torch.device, dtype, fmt) -> np.ndarray:
@@ -186,7 +179,7 @@ def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device
                         "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)})
         print(f"epoch {epoch + 1}/{args.epochs}: restoration MSE {total / steps:.4f} (the corrupted slices' "
               f"{baseline / steps:.4f})  ({history[-1]['seconds']:.0f}s)", flush=True)
-        save_checkpoint({"model": encoder_state(model, args.model),
+        save_checkpoint({"model": pretrained_state(model),
                          "pretraining": {**record, "epochs": epoch + 1, "history": history}}, out / "encoder.pth")
         write_csv(history, out / "history.csv")
     save_png(restorations_figure(model, pairs, device, dtype, fmt), out / "restorations.png")

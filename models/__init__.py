@@ -20,7 +20,7 @@ MODEL_NAMES = tuple(_MODELS)
 _OPTIONS: dict[str, tuple[str, ...]] = {"unet": ("width",), "deeplabv3": ("aux",)}
 
 __all__ = ["MODEL_NAMES", "DeepLabV3", "UNet", "build_model", "load_backbone_weights", "load_pretrained",
-           "model_from_checkpoint", "model_options"]
+           "model_from_checkpoint", "model_options", "pretrained_state"]
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **kwargs) -> nn.Module:
@@ -66,6 +66,17 @@ def load_pretrained(model: nn.Module, state: dict) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"expected a state dict (mapping of name -> tensor), got {type(state).__name__}")
     load_pretrained_weights(model, state)
+
+
+def pretrained_state(model: nn.Module) -> dict:
+    """What :func:`load_pretrained` starts a model from, taken from a pretrained ``model`` (pretrain.py keeps
+    it): DeepLabV3's backbone (``backbone.*``), all of the U-Net but its output convolution; on the CPU."""
+    state = model.state_dict()
+    if isinstance(model, DeepLabV3):
+        kept = [k for k in state if k.startswith("backbone.")]
+    else:
+        kept = [k for k in state if not k.startswith("head.")]
+    return {k: state[k].detach().cpu().contiguous() for k in kept}
 
 
 def _describe_mismatch(held: dict, wanted: dict) -> str:
