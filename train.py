@@ -117,6 +117,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0, help="pair folders: K-fold cross-validation, one run per fold")
     p.add_argument("--fold", type=int, default=None,
                    help="with --folds: run this fold only (0-based), into OUT/fold<I> as the whole run would")
+    p.add_argument("--train-subset", type=int, default=0, metavar="N",
+                   help="pair folders: train on a seeded N of the training pairs, validation unchanged (how a "
+                        "recipe does with fewer labelled slices; a smaller N's slices lie inside a larger one's)")
     p.add_argument("--augment", default="basic", choices=AUGMENT_LEVELS,
                    help="basic: flips, 90-degree turns, intensity jitter; strong: also random scale/crop, rotation, "
                         "shift, elastic warp and noise, done per batch on the training device")
@@ -390,7 +393,8 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     loss_name = args.loss or default_loss(args.model, args.task)
     train_set, val_set, prep, data_kind = build_datasets(args.data, args.task, args.size, args.val_fraction,
                                                          args.seed, args.augment, args.folds, args.fold or 0,
-                                                         args.look_window, args.look_crop, log, args.other_labels)
+                                                         args.look_window, args.look_crop, log, args.other_labels,
+                                                         args.train_subset)
     criterion, channels, weights = make_criterion(args, hooks, loss_name, train_set, log)
     train_loader, val_loader, sampler, gen, on_device = make_loaders(args, train_set, val_set, ctx, device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -71,7 +71,8 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
     if hold is not None and int(os.environ.get("RANK", "0")) == 0:
         build_datasets(args.data, args.task, args.size, args.val_fraction, args.seed, "none", args.folds, 0,
                        getattr(args, "look_window", None), getattr(args, "look_crop", None), log=lambda line: None,
-                       other_labels=getattr(args, "other_labels", "background"))
+                       other_labels=getattr(args, "other_labels", "background"),
+                       train_subset=getattr(args, "train_subset", 0))
         Path(args.out).mkdir(parents=True, exist_ok=True)  # only once the data is known to be there
         hold.enter_context(exclusive_lock(args.out, LOCK_HOLDER))
     runs, scores, class_folds = [], {**{k: [] for k in SCORES}, "n": []}, []
@@ -91,6 +92,7 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
         if "classes" in res:  # a types task: also per lesion type
             class_folds.append(class_fold_scores(res["classes"]))
     summary = {"folds": args.folds, "seed": args.seed, "tta": args.tta,
+               **({"train_subset": args.train_subset} if getattr(args, "train_subset", 0) else {}),
                "best_val_dice": [r["best_dice"] for r in runs], "last_epoch": scores}
     if scores["n"]:
         n = np.array(scores["n"], dtype=np.float64)

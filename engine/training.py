@@ -154,14 +154,16 @@ def checks_loss_each_step(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- data
 def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, seed: int, augment: str,
                    folds: int = 0, fold: int = 0, look_window=None, look_crop: str | None = None, log=print,
-                   other_labels: str = "background"):
+                   other_labels: str = "background", train_subset: int = 0):
     """Training and validation datasets from either data kind, and the preprocessing record they share.
 
     ``augment`` other than "none" gives the training items flips, 90-degree turns and intensity jitter
     (``PairAugment``); "strong" adds the batch warp of ``SpatialAugment``, which the training loop applies.
 
     With ``folds`` > 0 (pair folders), validation is fold ``fold`` of a seeded K-fold partition of the
-    pairs and training the other folds.
+    pairs and training the other folds. With ``train_subset`` N > 0 (pair folders), training keeps a seeded N
+    of its pairs and validation is unchanged: how a recipe does with fewer labelled slices. The draw is a
+    prefix of one seeded order, so a smaller subset lies inside a larger one.
 
     Pair folders' preprocessing record holds their look (data.look.describe_images: the HU window and crop
     the image files show, measured on all of the folder's images, so every fold records the same, unless
@@ -183,6 +185,9 @@ def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, 
         if look_window is not None or look_crop is not None:
             raise InputError(f"{data}: --look-window/--look-crop describe image files; preprocessed volumes are "
                              f"in HU, their look is their preprocessing")
+        if train_subset:
+            raise InputError(f"{data}: --train-subset is for folders of image-mask pairs; for fewer patients of "
+                             f"preprocessed volumes, split them with data.split_data")
         train = SliceArrayDataset(data, "train", task, aug, other_labels=other_labels)
         return train, SliceArrayDataset(data, "val", task, other_labels=other_labels), train.preprocessing, "arrays"
     if find_pair_dirs(data, "train", task) is None:
@@ -214,6 +219,12 @@ def build_datasets(data: str | Path, task: str, size: int, val_fraction: float, 
             raise InputError(f"{train_dirs[0]}: {len(train_pairs)} pair(s) are too few to hold out a validation part")
         val_pairs = [train_pairs[i] for i in sorted(order[:n_val])]
         train_pairs = [train_pairs[i] for i in sorted(order[n_val:])]
+    if train_subset:
+        if not 1 <= train_subset <= len(train_pairs):
+            raise InputError(f"{data}: --train-subset {train_subset}: training has {len(train_pairs)} pairs here; "
+                             f"give 1 to {len(train_pairs)}")
+        order = np.random.default_rng([seed, 1]).permutation(len(train_pairs))  # a stream of its own, not kfold's
+        train_pairs = [train_pairs[i] for i in sorted(order[:train_subset])]
     return (PairFolderDataset(train_pairs, prep, aug, task=task, other_labels=other_labels),
             PairFolderDataset(val_pairs, prep, task=task, other_labels=other_labels), prep, "pairs")
 

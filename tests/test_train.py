@@ -14,7 +14,7 @@ from PIL import Image
 import train
 from data.dataset import SliceArrayDataset, dataset_bytes
 from data.transforms import InputError
-from engine.training import data_on_device
+from engine.training import build_datasets, data_on_device
 from tests.script_fixtures import (SIZE, export_pairs, processed, run_script, run_train,  # noqa: F401
                                    train_argv, trained)
 from models import model_from_checkpoint
@@ -386,6 +386,36 @@ def test_init_from_another_model_or_without_a_fold_is_refused(trained, processed
         run_train(train_argv(processed, tmp_path / "c", "--init", str(tmp_path / "fold{fold}.pth"), width=8))
     assert not any((tmp_path / d).exists() for d in "abc"), "a refused run writes nothing"
 
+
+
+def test_train_subset_trains_on_fewer_pairs_of_the_same_fold(processed, tmp_path, capsys):
+    data = tmp_path / "pairs"
+    export_pairs(processed, None, data, "Imgs", "GT", n=12)
+
+    def parts(n):
+        train_set, val_set, _, _ = build_datasets(data, "lesion", SIZE, 0.15, 0, "none", 3, 1, train_subset=n)
+        return [a for a, _ in train_set.pairs], [a for a, _ in val_set.pairs]
+
+    whole, val = parts(0)
+    three, val3 = parts(3)
+    five, val5 = parts(5)
+    assert len(whole) == 8 and len(three) == 3 and len(five) == 5
+    assert val3 == val5 == val, "validation is the fold's, whatever the subset"
+    assert set(three) < set(five) < set(whole), "a smaller subset lies inside a larger one"
+    assert three != whole[:3] or five != whole[:5], "a seeded draw, not the first files"
+
+    out = tmp_path / "cv"
+    result = run_train(train_argv(data, out, "--folds", "3", "--train-subset", "3", epochs=1))
+    assert capsys.readouterr().out.count("3 train / 4 val slices") == 3
+    assert json.loads((out / "cv.json").read_text())["train_subset"] == result["train_subset"] == 3
+    ckpt = torch.load(out / "fold1" / "last.pth", weights_only=True)
+    assert ckpt["args"]["train_subset"] == 3 and ckpt["data"]["train"] == 3
+
+    with pytest.raises(InputError, match=re.escape(str(data)) + ".*--train-subset 9: training has 8 pairs"):
+        run_train(train_argv(data, tmp_path / "a", "--folds", "3", "--train-subset", "9"))
+    with pytest.raises(InputError, match="--train-subset is for folders of image-mask pairs"):
+        run_train(train_argv(processed, tmp_path / "b", "--train-subset", "2"))
+    assert not any((tmp_path / d).exists() for d in "ab"), "a refused run writes nothing"
 
 def test_one_fold_lands_where_the_whole_cross_validation_puts_it(processed, tmp_path, capsys):
     data = tmp_path / "pairs"
