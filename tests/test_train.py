@@ -387,7 +387,6 @@ def test_init_from_another_model_or_without_a_fold_is_refused(trained, processed
     assert not any((tmp_path / d).exists() for d in "abc"), "a refused run writes nothing"
 
 
-
 def test_train_subset_trains_on_fewer_pairs_of_the_same_fold(processed, tmp_path, capsys):
     data = tmp_path / "pairs"
     export_pairs(processed, None, data, "Imgs", "GT", n=12)
@@ -416,6 +415,7 @@ def test_train_subset_trains_on_fewer_pairs_of_the_same_fold(processed, tmp_path
     with pytest.raises(InputError, match="--train-subset is for folders of image-mask pairs"):
         run_train(train_argv(processed, tmp_path / "b", "--train-subset", "2"))
     assert not any((tmp_path / d).exists() for d in "ab"), "a refused run writes nothing"
+
 
 def test_one_fold_lands_where_the_whole_cross_validation_puts_it(processed, tmp_path, capsys):
     data = tmp_path / "pairs"
