@@ -22,6 +22,8 @@ Writes OUT/encoder.pth (those weights, keyed as in the model's state dict, with 
 after every epoch, OUT/history.csv (restoration MSE per epoch, beside the corrupted slices' own MSE) and
 OUT/restorations.png (four slices: original, corrupted, restored), each through a temporary file and a
 rename. A killed or interrupted run leaves the last finished epoch's encoder.pth; a new run starts over.
+With --reuse, an OUT/encoder.pth that is a finished pretraining of the same data with the same settings is
+kept and nothing is trained (how scripts/covid_semiseg.sh --unlabeled reruns); any other is refused.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from data.dataset import UnlabeledDataset, labelled_files  # noqa: E402
 from engine.pretraining import RestorationPairs  # noqa: E402
 from engine.training import build_datasets, loader_workers, make_scheduler  # noqa: E402
 from models import MODEL_NAMES, build_model, model_options, pretrained_state  # noqa: E402
-from utils.checkpoint import remove_stale_temp_files, save_checkpoint  # noqa: E402
+from utils.checkpoint import remove_stale_temp_files, safe_load, save_checkpoint  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
 from utils.helpers import amp_dtype, autocast, resolve_device, save_png, seed_everything, write_csv  # noqa: E402
 
@@ -77,6 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="NHWC memory layout (faster with bf16 on CPUs and GPUs)")
     p.add_argument("--out", default=OUT)
     p.add_argument("--overwrite", action="store_true", help="replace an encoder.pth already in OUT")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep an OUT/encoder.pth that is a finished pretraining of the same data and settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     return add_runtime_args(p)
@@ -123,9 +127,44 @@ def main(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out, "another pretrain.py run"):
         remove_stale_temp_files(out, OUTPUTS)
-        if (out / "encoder.pth").exists() and not args.overwrite:
-            raise InputError(f"{out / 'encoder.pth'} exists; give --overwrite to replace it, or another --out")
+        path, why = out / "encoder.pth", None
+        if path.exists() and args.reuse:
+            ckpt = safe_load(path, "pretrained weights")
+            why = unlike(ckpt, args, len(dataset), prep)
+            if why is None:
+                record = ckpt["pretraining"]
+                print(f"reusing {path}: {record['epochs']} epochs of pretraining on the same {record['slices']} "
+                      "slices with the same settings")
+                return record["history"]
+        if path.exists() and not args.overwrite:
+            raise InputError(f"{path} exists" + (f" and {why}" if why else "")
+                             + "; give --overwrite to replace it, or another --out")
         return pretrain(args, dataset, prep, device, dtype, out)
+
+
+SETTINGS = ("model", "width", "epochs", "batch_size", "lr", "weight_decay", "size", "seed")  # what --reuse matches
+
+
+def unlike(ckpt: dict, args: argparse.Namespace, slices: int, prep: dict) -> str | None:
+    """Why ``ckpt`` (an encoder.pth) is not this run's finished pretraining; None when it is."""
+    record = ckpt.get("pretraining") if isinstance(ckpt, dict) else None
+    if not isinstance(record, dict) or "args" not in record:
+        return "is not a pretrain.py encoder"
+    done, asked = record.get("epochs"), record["args"].get("epochs")
+    if done != asked:
+        return f"holds {done} of its {asked} epochs (a run stopped early)"
+    for key in SETTINGS:
+        if record["args"].get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            return f"was pretrained with {flag} {record['args'].get(key)}, not {getattr(args, key)}"
+    theirs = {"data": record.get("data"), "unlabeled": record.get("unlabeled"), "unlabelled slices": record.get("slices"),
+              "preprocessing": record.get("preprocessing")}
+    ours = {"data": str(Path(args.data).resolve()), "unlabeled": str(Path(args.unlabeled).resolve()),
+            "unlabelled slices": slices, "preprocessing": prep}
+    for key in theirs:
+        if theirs[key] != ours[key]:
+            return f"was pretrained on other {key} ({theirs[key]}, not {ours[key]})"
+    return None
 
 
 def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device, dtype, out: Path) -> list[dict]:

@@ -3,14 +3,20 @@
 #
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR
 #   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --task lesion-types   # ground-glass opacity / consolidation
-#   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --unlabeled UNLABELED_DIR   # semi-supervised (train.py --semi)
-#   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --backbone-weights PRE/encoder.pth   # from a pretrained U-Net
+#   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --unlabeled UNLABELED_DIR   # semi-supervised
+#   bash scripts/covid_semiseg.sh TRAIN_DIR OUT_DIR --unlabeled UNLABELED_DIR --semi mean-teacher
 #
-# PRE/encoder.pth: `python pretrain.py --data TRAIN_DIR --unlabeled UNLABELED_DIR --out PRE --width 16 --epochs 10`:
-# the recipe's U-Net pretrained on slices without masks (README, "With the 1,600 unlabelled slices").
+# --unlabeled UNLABELED_DIR: slices without masks (COVID-SemiSeg's TrainingSet/LungInfection-Train/Unlabeled).
+# Alone, it is the semi-supervised recipe (docs/BENCHMARKS.md, "every recipe at a glance"): the U-Net is first
+# pretrained on those slices by restoration, once for all folds (`pretrain.py --width 16 --epochs 10`, into
+# OUT_DIR/pretrained; PRETRAIN_EPOCHS sets the epochs), and every fold starts from it (train.py
+# --backbone-weights). A rerun reuses a finished pretraining with the same data and settings and refuses any
+# other (remove OUT_DIR/pretrained to pretrain anew). With any of train.py's in-training semi-supervised flags
+# (--semi, --teacher, --unlabeled-weight, --unlabeled-batch-size, --ema-decay, --confidence), each fold instead
+# learns from UNLABELED_DIR as it trains (train.py --unlabeled: a mean teacher by default). Either way the
+# labelled files are never read as unlabelled, so no fold's validation slice is trained on.
+# `--backbone-weights PRE/encoder.pth` starts every fold from a pretraining of your own.
 #
-# UNLABELED_DIR: slices without masks (COVID-SemiSeg's TrainingSet/LungInfection-Train/Unlabeled), used in
-# every fold; the fold's validation slices are never among them (train.py leaves the labelled files out).
 # TRAIN_DIR: COVID-SemiSeg's folder (TrainingSet/LungInfection-Train/Doctor-label/{Imgs,GT} under it), or any
 # folder of image-mask pairs train.py reads; with --task lesion-types, COVID-SemiSeg's multi-class masks
 # (TrainingSet/MultiClassInfection-Train/GT, paired with Doctor-label/Imgs) or any folder of label masks
@@ -35,6 +41,7 @@ if [ -z "${PYTHON:-}" ]; then
     PYTHON=$ROOT/.venv/bin/python
 fi
 EPOCHS=${EPOCHS:-250}  # the recipe's; fewer for a quick try (the tests use 1)
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-10}  # with --unlabeled alone
 
 # OUT_DIR/models.txt lists the fold models this script copied there. A rerun replaces only those: any other
 # .pth in OUT_DIR would be averaged in by `--checkpoint OUT_DIR/*.pth`, so it is refused, never deleted.
@@ -52,20 +59,56 @@ done
 # The loss: train.py's default (bce_dice) for the lesion task; for a types task (--task *-types) the types
 # recipe adds ce_dice_union (the binary recipe's loss on the union of the types, beside ce_dice) and
 # cross-entropy weights from the class frequencies (docs/BENCHMARKS.md, "Ground-glass and consolidation").
-# Flags given after OUT_DIR come later on the command line, so they win.
+# Flags given after OUT_DIR come later on the command line, so they win. --unlabeled DIR is held back from
+# train.py when the script pretrains on DIR; the flags pretrain.py shares with train.py go to both.
 TASK=lesion
-PREVIOUS=
-for arg in "${@:3}"; do
-    if [ "$PREVIOUS" = --task ]; then TASK=$arg; fi
-    case $arg in --task=*) TASK=${arg#--task=} ;; esac
-    PREVIOUS=$arg
+UNLABELED=
+IN_TRAINING=   # one of train.py's in-training semi-supervised flags, if given
+BACKBONE=
+PRETRAIN_FLAGS=()
+TRAIN_FLAGS=()
+ARGS=("${@:3}")
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+    arg=${ARGS[i]}
+    name=${arg%%=*}
+    if [[ $arg == *=* ]]; then value=${arg#*=}; else value=${ARGS[i + 1]:-}; fi
+    case $name in
+        --task) TASK=$value ;;
+        --semi | --teacher | --unlabeled-weight | --unlabeled-batch-size | --ema-decay | --confidence) IN_TRAINING=$name ;;
+        --backbone-weights) BACKBONE=$value ;;
+        --model | --width | --size | --seed | --device | --amp | --workers) PRETRAIN_FLAGS+=("$name" "$value") ;;
+        --deterministic | --channels-last | --no-channels-last) PRETRAIN_FLAGS+=("$arg") ;;
+        --unlabeled)
+            UNLABELED=$value
+            [[ $arg == *=* ]] || ((i += 1))
+            continue ;;
+    esac
+    TRAIN_FLAGS+=("$arg")
 done
+PRETRAINED=()
+if [ -n "$UNLABELED" ] && [ -n "$IN_TRAINING" ]; then
+    TRAIN_FLAGS+=(--unlabeled "$UNLABELED")
+elif [ -n "$UNLABELED" ]; then
+    if [ -n "$BACKBONE" ]; then
+        echo "error: --unlabeled pretrains on $UNLABELED and --backbone-weights starts from $BACKBONE: give one" \
+             "(or --semi with both, for train.py's in-training method from pretrained weights)" >&2
+        exit 2
+    fi
+    "$PYTHON" "$ROOT/pretrain.py" --data "$TRAIN_DIR" --unlabeled "$UNLABELED" --out "$OUT_DIR/pretrained" \
+        --model unet --width 16 --size 256 --epochs "$PRETRAIN_EPOCHS" --reuse --no-progress "${PRETRAIN_FLAGS[@]}" \
+        || { status=$?
+             if [ -f "$OUT_DIR/pretrained/encoder.pth" ]; then
+                 echo "(remove $OUT_DIR/pretrained to pretrain anew)" >&2
+             fi
+             exit $status; }
+    PRETRAINED=(--backbone-weights "$OUT_DIR/pretrained/encoder.pth")
+fi
 TYPES_RECIPE=()
 case $TASK in *-types) TYPES_RECIPE=(--loss ce_dice_union --class-weights auto) ;; esac
 "$PYTHON" "$ROOT/train.py" --data "$TRAIN_DIR" --out "$OUT_DIR/cv" --folds 5 --seed 0 \
     --model unet --width 16 --size 256 --no-batch-dice --epochs "$EPOCHS" --batch-size 8 \
     --augment basic --opt adamw --lr 2e-3 --weight-decay 1e-4 --sched onecycle --tta --no-progress \
-    "${TYPES_RECIPE[@]}" "${@:3}"
+    "${TYPES_RECIPE[@]}" "${PRETRAINED[@]}" "${TRAIN_FLAGS[@]}"
 
 # the ensemble: this run's fold models only (cv.json says how many; OUT_DIR/cv may still hold folders of an
 # earlier run with more folds), each written to a temporary name, then renamed

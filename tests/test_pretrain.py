@@ -158,6 +158,32 @@ def test_pretrain_writes_an_encoder_that_train_py_starts_from(folders, tmp_path,
     assert safe_load(run / "last.pth")["args"]["backbone_weights"] == str(out / "encoder.pth")
 
 
+def test_reuse_keeps_only_a_finished_pretraining_of_the_same_data_and_settings(folders, tmp_path, capsys):
+    labelled, unlabeled = folders
+    out = tmp_path / "pretrained"
+    history = _pretrain(labelled, unlabeled, out, "--width", "4")
+    encoder = out / "encoder.pth"
+    kept = encoder.read_bytes()
+    assert _pretrain(labelled, unlabeled, out, "--width", "4", "--reuse") == history
+    assert "reusing" in capsys.readouterr().out and encoder.read_bytes() == kept
+
+    with pytest.raises(InputError, match=r"exists and was pretrained with --epochs 2, not 3; give --overwrite"):
+        _pretrain(labelled, unlabeled, out, "--width", "4", "--epochs", "3", "--reuse")
+    (unlabeled / "series" / "5.png").rename(tmp_path / "moved.png")
+    with pytest.raises(InputError, match=r"was pretrained on other unlabelled slices \(6, not 5\)"):
+        _pretrain(labelled, unlabeled, out, "--width", "4", "--reuse")
+    (tmp_path / "moved.png").rename(unlabeled / "series" / "5.png")
+    ckpt = safe_load(encoder)
+    ckpt["pretraining"]["epochs"] = 1  # as a run stopped after its first epoch leaves it
+    torch.save(ckpt, encoder)
+    with pytest.raises(InputError, match=r"holds 1 of its 2 epochs \(a run stopped early\)"):
+        _pretrain(labelled, unlabeled, out, "--width", "4", "--reuse")
+    again = _pretrain(labelled, unlabeled, out, "--width", "4", "--reuse", "--overwrite")
+    assert "pretraining U-Net width 4 by restoration" in capsys.readouterr().out, "pretrained anew"
+    assert [row["restoration_mse"] for row in again] == [row["restoration_mse"] for row in history]
+    assert safe_load(encoder)["pretraining"]["epochs"] == 2
+
+
 def _weights(state: dict) -> dict:
     """The learned tensors of a state dict (no batch-norm statistics, which a training step moves at any lr)."""
     return {k: v for k, v in state.items() if v.is_floating_point() and "running" not in k}

@@ -27,7 +27,7 @@ from data.transforms import move_window, resize_images, to_axial_slices
 from engine.semi import RAMP_SHARE, SemiSupervised, strong_view, unlabeled_loss
 from engine.training import Hooks, validate
 from tests.script_fixtures import REPO, export_pairs, processed, run_train, train_argv  # noqa: F401
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, safe_load
 
 SIDE = 32  # --size of the training runs here
 LOOK = (-1100.0, 250.0)  # the look window of the records built by hand below
@@ -454,14 +454,50 @@ def test_resuming_a_semi_run_without_its_unlabelled_data_or_method_is_refused(un
 
 
 # ----------------------------------------------------------------------------- 9: the recipe
+def _recipe(data: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "EPOCHS": "1", "PRETRAIN_EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "scripts/covid_semiseg.sh", str(data["pairs"]), str(out), "--unlabeled",
+                           str(data["unlabeled"]), "--size", str(SIDE), "--batch-size", "4", "--device", "cpu",
+                           *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_recipe_script_pretrains_once_and_starts_every_fold_from_it(semi_data, tmp_path):
+    out = tmp_path / "model"
+    proc = _recipe(semi_data, out, "--width", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    encoder = out / "pretrained" / "encoder.pth"
+    record = safe_load(encoder)["pretraining"]
+    assert record["epochs"] == 1 and record["slices"] == 16 and record["model_config"]["width"] == 4
+    assert proc.stdout.count("pretraining U-Net width 4 by restoration on 16 slices") == 1
+    models = sorted(out.glob("fold*.pth"))
+    assert [p.name for p in models] == [f"fold{i}.pth" for i in range(5)]
+    for path in models:
+        ckpt = load_checkpoint(path)
+        assert ckpt["pretrained"]["sha256"] == _sha(encoder) and ckpt["args"]["backbone_weights"] == str(encoder)
+        assert ckpt["args"]["unlabeled"] is None and "student" not in ckpt, "no in-training method on top"
+
+    before = {p: p.read_bytes() for p in (encoder, out / "fold0.pth")}
+    proc = _recipe(semi_data, out, "--width", "4")  # a rerun: the finished pretraining is kept
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"reusing {encoder}: 1 epochs of pretraining" in proc.stdout and "by restoration" not in proc.stdout
+    assert encoder.read_bytes() == before[encoder]
+
+    before[out / "fold0.pth"] = (out / "fold0.pth").read_bytes()
+    proc = _recipe(semi_data, out, "--width", "8")  # another pretraining's settings: refused, nothing trained
+    assert proc.returncode != 0
+    assert f"{encoder} exists and was pretrained with --width 4, not 8" in proc.stderr
+    assert f"remove {out / 'pretrained'} to pretrain anew" in proc.stderr
+    assert all(path.read_bytes() == data for path, data in before.items())
+
+    proc = _recipe(semi_data, tmp_path / "both", "--backbone-weights", str(encoder))
+    assert proc.returncode == 2 and "give one" in proc.stderr and not (tmp_path / "both").exists()
+
+
 def test_the_recipe_script_trains_semi_supervised_folds(semi_data, tmp_path):
     out = tmp_path / "model"
-    env = {**os.environ, "PYTHON": sys.executable, "EPOCHS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", "scripts/covid_semiseg.sh", str(semi_data["pairs"]), str(out),
-                           "--unlabeled", str(semi_data["unlabeled"]), "--unlabeled-batch-size", "2",
-                           "--size", str(SIDE), "--width", "4", "--batch-size", "4", "--device", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _recipe(semi_data, out, "--unlabeled-batch-size", "2", "--width", "4")  # train.py's in-training flag
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "pretrained").exists()
     models = sorted(out.glob("fold*.pth"))
     assert [p.name for p in models] == [f"fold{i}.pth" for i in range(5)]
     for path in models:
