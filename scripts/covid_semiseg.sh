@@ -79,6 +79,10 @@ for ((i = 0; i < ${#ARGS[@]}; i++)); do
         --model | --width | --size | --seed | --device | --amp | --workers) PRETRAIN_FLAGS+=("$name" "$value") ;;
         --deterministic | --channels-last | --no-channels-last) PRETRAIN_FLAGS+=("$arg") ;;
         --unlabeled)
+            if [ -z "$value" ] || [[ $value == --* ]]; then
+                echo "error: --unlabeled needs the folder of slices without masks" >&2
+                exit 2
+            fi
             UNLABELED=$value
             [[ $arg == *=* ]] || ((i += 1))
             continue ;;

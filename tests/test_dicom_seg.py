@@ -82,10 +82,14 @@ def test_infer_dicom_seg_frames_are_the_nifti_masks_on_each_source_image(trained
             expected = at_lesion > 0 if name not in HU_LUNG_LABELS else at_lung == HU_LUNG_LABELS[name]
             np.testing.assert_array_equal(pixels[n, :, :, s], expected, err_msg=f"{name} on {uid}")
     # and the lungs land on the phantom's lungs: frame (r, c) of the file of slice k is voxel (c, r, k)
+    # (predicted lesion inside a lung's outline is lung by design, utils/lungs.py step 5, and the tiny model
+    # predicts lesion almost anywhere: the lungs' placement is judged on their air-like part)
     truth = np.stack([moved["lung"][:, :, slices[uid]].T for uid in uids])
+    lesion = pixels[..., [s for s, name in enumerate(segments) if name not in HU_LUNG_LABELS]].any(-1)
     for name, value in HU_LUNG_LABELS.items():
-        found, true = pixels[..., list(segments).index(name)], truth == value
-        assert found.sum() > 0.5 * true.sum() and (found & true).sum() > 0.8 * found.sum(), name
+        found, true = pixels[..., list(segments).index(name)].astype(bool), truth == value
+        air = found & ~lesion
+        assert (found & true).sum() > 0.8 * true.sum() and (air & true).sum() > 0.9 * air.sum(), name
     report = (out / "scan_report.json").read_text()
     assert "dicom_seg_segments" in report
     assert "scan_seg.dcm" in (out / "infer_manifest.json").read_text()

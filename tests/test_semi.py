@@ -491,6 +491,9 @@ def test_the_recipe_script_pretrains_once_and_starts_every_fold_from_it(semi_dat
 
     proc = _recipe(semi_data, tmp_path / "both", "--backbone-weights", str(encoder))
     assert proc.returncode == 2 and "give one" in proc.stderr and not (tmp_path / "both").exists()
+    proc = _recipe(semi_data, tmp_path / "none", "--unlabeled")  # the folder forgotten: not a supervised run
+    assert proc.returncode == 2 and "--unlabeled needs the folder" in proc.stderr
+    assert not (tmp_path / "none").exists()
 
 
 def test_the_recipe_script_trains_semi_supervised_folds(semi_data, tmp_path):
