@@ -56,7 +56,8 @@ from engine.training import build_datasets, loader_workers, make_scheduler  # no
 from models import MODEL_NAMES, build_model, model_options, pretrained_state  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load, save_checkpoint  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
-from utils.helpers import amp_dtype, autocast, resolve_device, save_png, seed_everything, write_csv  # noqa: E402
+from utils.helpers import (amp_dtype, autocast, precision_words, resolve_device, save_png,  # noqa: E402
+                           seed_everything, write_csv)
 
 OUTPUTS = ("encoder.pth", "history.csv", "restorations.png")
 SHOWN = 4  # slices in restorations.png
@@ -182,7 +183,7 @@ def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device
     scheduler = make_scheduler(optimizer, "onecycle", args.epochs * len(loader), 0)
     name = "DeepLabV3-ResNet50" if args.model == "deeplabv3" else f"U-Net width {args.width}"
     print(f"pretraining {name} by restoration on {len(dataset)} slices without masks, {device}"
-          + (f" with {str(dtype).replace('torch.', '')} autocast" if dtype else "")
+          + precision_words(device, dtype)
           + f", {args.epochs} epochs of {len(loader)} steps -> {out / 'encoder.pth'}", flush=True)
     record = {"method": "models-genesis restoration", "model_config": {"name": args.model, **model.config},
               "unlabeled": str(Path(args.unlabeled).resolve()),

@@ -52,7 +52,7 @@ from models import MODEL_NAMES, build_model, load_pretrained, model_from_checkpo
 from utils import distributed  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load  # noqa: E402
 from utils.cli import add_runtime_args  # noqa: E402
-from utils.helpers import amp_dtype, resolve_device, seed_everything  # noqa: E402
+from utils.helpers import amp_dtype, precision_words, resolve_device, seed_everything  # noqa: E402
 from utils.losses import LOSSES, WEIGHTED  # noqa: E402
 
 
@@ -371,7 +371,7 @@ def describe_run(args: argparse.Namespace, model, channels: int, loss_name: str,
     """The line a run starts with: model, loss, device, precision, data and parallelism."""
     n_params = sum(p.numel() for p in model.parameters())
     return (f"{args.model} ({n_params / 1e6:.2f}M parameters, {channels} output channel(s), loss {loss_name}) on "
-            f"{device}{' with ' + str(dtype).replace('torch.', '') + ' autocast' if dtype else ''}: "
+            f"{device}{precision_words(device, dtype)}: "
             f"{n_train} train / {n_val} val slices"
             + (f"; {ctx.world_size} processes, global batch {ctx.world_size * args.batch_size}" if ctx.enabled else "")
             + (f"; data held on {device}" if on_device else "") + ("; torch.compile" if args.compile else "")

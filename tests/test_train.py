@@ -19,6 +19,7 @@ from tests.script_fixtures import (SIZE, export_pairs, processed, run_script, ru
                                    train_argv, trained)
 from models import model_from_checkpoint
 from utils.cli import run_cli
+from utils import helpers
 from utils.helpers import seed_everything
 
 EPOCH_LINE = re.compile(r"^train_loss: (\S+) \| val_loss: (\S+) \| val_dice: (\S+) \| val_iou: (\S+)")
@@ -37,6 +38,17 @@ def out_channels(ckpt: dict) -> int:
 
 
 # ----------------------------------------------------------------------------- the main run
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_first_line_says_when_a_cpu_trains_in_fp32_for_want_of_bf16(processed, tmp_path, monkeypatch, capsys,
+                                                                      native_bf16):
+    monkeypatch.setattr(helpers, "cpu_has_bf16", lambda: native_bf16)
+    run_train(train_argv(processed, tmp_path / "out", "--no-augment"))
+    first = next(line for line in capsys.readouterr().out.splitlines() if "parameters" in line)
+    assert ("with bfloat16 autocast" in first) == native_bf16
+    assert ("in fp32 (this CPU has no native bf16" in first) == (not native_bf16)
+    assert "in fp32" not in helpers.precision_words(torch.device("cpu"), torch.bfloat16)
+
+
 def test_short_run_lowers_loss_and_writes_outputs(trained):
     out, history = trained["out"], trained["result"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]

@@ -52,6 +52,17 @@ def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
     return torch.bfloat16 if (amp == "bf16" or cpu_has_bf16()) else None
 
 
+def precision_words(device: torch.device, dtype: torch.dtype | None) -> str:
+    """How a run computes, for its first line: " with bf16 autocast", or on a CPU without native bf16 a
+    warning that fp32 there is several times slower (docs/BENCHMARKS.md, "On dev-cpu-zen3")."""
+    if dtype is not None:
+        return f" with {str(dtype).replace('torch.', '')} autocast"
+    if device.type == "cpu" and not cpu_has_bf16():
+        return (" in fp32 (this CPU has no native bf16, AVX-512 BF16 or AMX: training is several times slower"
+                " than on one that has; a GPU is faster still)")
+    return ""
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The autocast context for a device and dtype (a no-op context for fp32)."""
     if dtype is None:
