@@ -53,7 +53,7 @@ def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
 
 
 def precision_words(device: torch.device, dtype: torch.dtype | None) -> str:
-    """How a run computes, for its first line: " with bf16 autocast", or on a CPU without native bf16 a
+    """How a run computes, for its first line: " with bfloat16 autocast", or on a CPU without native bf16 a
     warning that fp32 there is several times slower (docs/BENCHMARKS.md, "On dev-cpu-zen3")."""
     if dtype is not None:
         return f" with {str(dtype).replace('torch.', '')} autocast"
