@@ -29,7 +29,7 @@ demo: install
 	@echo "  cases.png) | example slices data/examples/ | prediction_mask.png + prediction_mask_overlay.png"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 clean:
 	rm -rf data/synthetic data/processed data/examples checkpoints/*.pth checkpoints/eval-* \

@@ -5,6 +5,7 @@ Everything is small enough to check by hand and to run in a few seconds on two C
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,15 @@ LAYOUTS = {
     "ma2020": ("COVID-19-CT-Seg_20cases", "Lung_Mask", "Infection_Mask", lambda i: f"coronacases_{i + 1:03d}.nii.gz"),
     "medseg_radiopaedia": ("rp_im", "rp_lung_msk", "rp_msk", lambda i: f"{i + 1}.nii.gz"),
 }
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs a worker per core) each worker, and every process it starts, uses
+    one thread: workers with torch's default of a thread per core would fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)
 
 
 def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:

@@ -54,7 +54,7 @@ def unet_train_flops_per_slice(width: int, size: int, out_channels: int) -> floa
 def test_speed_reports_positive_rates_a_utilisation_and_the_flops_of_a_training_step(placement):
     out = subprocess.run([sys.executable, "bench/speed.py", "--model", "unet", "--width", str(WIDTH), "--size",
                           str(SIZE), "--batch-size", str(BATCH), "--steps", "1", "--warmup", "1", placement,
-                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--matmul-size", "512", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in (*RATES, "speedup_vs_baseline", "train_tflops", "matmul_peak_tflops"):
