@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_EPOCHS ?= 8
+# The demo U-Net's width: 32 where training is fast (a CUDA GPU, or a CPU with native bf16), else 16, a
+# quarter of the work, so the demo takes about 11 minutes instead of 40 to 50 on a 2-core CPU without bf16
+# (docs/BENCHMARKS.md, "The main job"). Set it to choose: `make demo DEMO_WIDTH=32`.
+DEMO_WIDTH ?= $(shell $(PY) -c "import torch; from utils.helpers import cpu_has_bf16; \
+	print(32 if torch.cuda.is_available() or cpu_has_bf16() else 16)")
 
 .PHONY: install demo test clean
 
@@ -19,7 +24,7 @@ demo: install
 	$(PY) -m data.synthetic --out data/synthetic --patients 12 --seed 0
 	$(PY) -m data.preprocess --src data/synthetic --out data/processed
 	$(PY) -m data.split_data --data data/processed --val 0.15 --test 0.15 --seed 0
-	$(PY) train.py --data data/processed --model unet --epochs $(DEMO_EPOCHS) --out checkpoints --no-progress
+	$(PY) train.py --data data/processed --model unet --width $(DEMO_WIDTH) --epochs $(DEMO_EPOCHS) --out checkpoints --no-progress
 	$(PY) evaluate.py --checkpoint checkpoints/best_model.pth --data data/processed --split test --out checkpoints/eval-test
 	$(PY) -m data.export_png --data data/processed --split test --out data/examples --n 4
 	$(PY) infer.py --checkpoint checkpoints/best_model.pth --input "$$(ls data/examples/images/*.png | head -n 1)" --output prediction_mask.png

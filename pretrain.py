@@ -55,7 +55,7 @@ from engine.pretraining import RestorationPairs  # noqa: E402
 from engine.training import build_datasets, loader_workers, make_scheduler  # noqa: E402
 from models import MODEL_NAMES, build_model, model_options, pretrained_state  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load, save_checkpoint  # noqa: E402
-from utils.cli import add_runtime_args  # noqa: E402
+from utils.cli import add_runtime_args, raise_if_interrupted  # noqa: E402
 from utils.helpers import (amp_dtype, autocast, precision_words, resolve_device, save_png,  # noqa: E402
                            seed_everything, write_csv)
 
@@ -199,6 +199,7 @@ def pretrain(args: argparse.Namespace, dataset, prep: dict, device: torch.device
                    disable=None if args.progress else True)
         try:
             for images, corrupted in bar:
+                raise_if_interrupted()
                 loss, _ = restoration_step(model, images, corrupted, device, dtype, fmt)
                 value = loss.item()  # the one host sync of the step
                 if not math.isfinite(value):

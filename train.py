@@ -11,7 +11,7 @@ Crash safety: every output is written to a hidden temporary file and renamed, so
 moment leaves the last good OUT/last.pth (saved after every epoch) loadable. `--resume OUT/last.pth`
 restores model, optimizer, scheduler, AMP scaler, RNG states and epoch: on CPU with --deterministic, an
 interrupted-and-resumed run ends with bitwise the same weights as an uninterrupted one. Ctrl-C stops at
-once (the unfinished epoch is dropped) and says how to resume; a NaN or infinite loss stops training
+once (the unfinished epoch is dropped), or at the next step when Python swallowed it, and says how to resume; a NaN or infinite loss stops training
 before those weights are saved. See docs/RELIABILITY.md.
 """
 from __future__ import annotations

@@ -26,6 +26,7 @@ from data.transforms import IMAGE_SUFFIXES, InputError, case_name, nifti_gz_byte
 from engine.dicom_seg import check_dicom_input, check_source, mask_labels, write_dicom_seg
 from engine.predict import Predictor, lesion_types, main_structure, type_prediction
 from engine.report_html import MASK_COLOURS, OTHER_COLOUR, write_index_html, write_report_html
+from utils.cli import raise_if_interrupted
 from utils.helpers import mask_to_png, overlay, write_csv
 from utils.lungs import extract_lungs
 from utils.volumes import volume_report
@@ -364,6 +365,7 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
                 folder.files.add(INDEX)  # listed before it exists, as report.csv is
                 folder.save()  # from the start, the folder says it is incomplete
             for case, vol in tqdm(todo, desc="volumes", disable=True if (not progress or len(todo) <= 1) else None):
+                raise_if_interrupted()
                 try:
                     report = infer_one_volume(predictor, vol, case, out, threshold, checkpoint, series, lungs,
                                               dicom_seg, lesion)
@@ -484,6 +486,7 @@ def infer_image_folder(predictor: Predictor, paths: list[Path], out: Path, thres
         try:
             for path, image, probs in tqdm(predictor.predict_images(todo, on_error), total=len(todo), desc="infer",
                                            unit="img", disable=True if (not progress or len(todo) <= 1) else None):
+                raise_if_interrupted()
                 mask_path, overlay_path, *probs_to = outputs[path.name]
                 _write_image_outputs(image, probs, predictor.task, threshold, mask_path, overlay_path, probs_to,
                                      types)

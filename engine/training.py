@@ -32,6 +32,7 @@ from engine.predict import class_probs, lesion_types, main_structure, type_predi
 from engine.semi import SemiSupervised
 from utils import distributed
 from utils.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from utils.cli import raise_if_interrupted
 from utils.helpers import autocast, plot_curves, write_csv
 from utils.losses import WEIGHTED, get_loss, loss_mode, output_channels
 from utils.metrics import SegmentationMeter, metrics_from_counts
@@ -270,6 +271,8 @@ class Progress:
     plotted: float = -math.inf  # time.monotonic() when curves.png was last drawn
 
     def at(self, epoch: int, stage: str) -> None:
+        """Record where the run is; a Ctrl-C that was swallowed on the way here stops it now."""
+        raise_if_interrupted()
         self.epoch, self.stage = epoch, stage
 
     def where(self) -> str:

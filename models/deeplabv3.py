@@ -7,7 +7,6 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.models.segmentation import deeplabv3_resnet50
 
 from base import InputError
 
@@ -43,6 +42,10 @@ class DeepLabV3(nn.Module):
             if value < 1:
                 raise InputError(f"DeepLabV3 {arg} must be >= 1, got {value}")
         self.config = {"in_channels": in_channels, "num_classes": num_classes, "aux": aux}
+        # imported here: torchvision pulls in torch._dynamo (3 s of every script start on a 2-core CPU),
+        # which U-Net runs need not wait for
+        from torchvision.models.segmentation import deeplabv3_resnet50
+
         net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux)
         net.backbone.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         # Same init torchvision's ResNet gives its convs.

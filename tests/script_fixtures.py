@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,32 @@ def _once(key: str, build):
     if key not in _cache:
         _cache[key] = build()
     return _cache[key]
+
+
+class _Finalizer:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)  # the handler runs (and raises) before this returns
+
+
+def ctrl_c_in_a_finalizer() -> None:
+    """A Ctrl-C that lands in a finalizer, where Python prints "Exception ignored" and goes on (as one landing
+    in torch._dynamo's weakref callbacks did). Needs the ``default_sigint`` fixture under pytest-xdist."""
+    _Finalizer()  # collected at once
+
+
+def sigint_default() -> None:
+    """In a child process before exec: SIGINT to its default. A test suite started in the background by a
+    shell without job control (`cmd &` in a script, `nohup`) inherits SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler: a SIGINT a test sends would be dropped."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def default_sigint():
+    """SIGINT as a Python started from a terminal has it (a test worker may have it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def train_argv(data, out, *extra: str, epochs: int = 1, width: int = 4, batch_size: int = 4) -> list[str]:

@@ -1,10 +1,11 @@
-"""The benchmark script runs on a tiny configuration and reports what docs/BENCHMARKS.md quotes: positive,
+"""The benchmark scripts run on tiny configurations and report what docs/BENCHMARKS.md quotes: positive,
 finite rates, a utilisation between 0 and 1, and the FLOPs of a U-Net training step as counted by hand.
 
 No timing is asserted (a shared machine makes every rate noisy); the FLOP count is exact.
 """
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from models import build_model
-from tests.script_fixtures import export_pairs, processed, run_train, train_argv  # noqa: F401
+from tests.script_fixtures import export_pairs, processed, run_train, sigint_default, train_argv  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, SIZE, BATCH = 4, 32, 2  # a tiny U-Net, so the run takes seconds
@@ -124,3 +125,14 @@ def test_score_folds_gives_the_cross_validations_figures_of_a_fold(processed, tm
         assert row["fold"] == fold and row["n"] == cv["last_epoch"]["n"][fold]
         for key in ("dice", "dice_threshold_averaged"):
             assert row[key] == pytest.approx(cv["last_epoch"][key][fold], abs=1e-9)
+
+
+def test_ctrl_c_bench_stops_a_real_training_run_with_one_line(processed):
+    proc = subprocess.run(["bash", "bench/ctrl_c.sh", "1", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHON": sys.executable, "DATA": str(processed)},
+                          preexec_fn=sigint_default)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = [ln for ln in proc.stdout.splitlines() if ln.startswith("run ")]
+    assert len(runs) == 1 and runs[0].endswith("[ok]") and "exit 130" in runs[0] and "interrupted" in runs[0], \
+        proc.stdout
+    assert proc.stdout.splitlines()[-1] == "1 of 1 runs stopped with exit 130 and one line"

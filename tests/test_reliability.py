@@ -26,7 +26,8 @@ from PIL import Image
 import train
 from data.transforms import InputError
 from engine.training import Hooks, TrainingDiverged, build_loss
-from tests.script_fixtures import REPO, processed, run_train, train_argv, trained  # noqa: F401
+from tests.script_fixtures import (REPO, ctrl_c_in_a_finalizer, default_sigint, processed, run_train,  # noqa: F401
+                                   sigint_default, train_argv, trained)
 from models import model_from_checkpoint
 from utils.checkpoint import load_checkpoint, safe_load, save_checkpoint
 from utils.cli import run_cli
@@ -88,13 +89,6 @@ import train
 from utils.cli import run_cli
 run_cli(train.main, train.get_args_parser(), argv)
 """
-
-
-def sigint_default() -> None:
-    """In the child before exec: SIGINT to its default. A test suite started in the background by a shell
-    without job control (`cmd &` in a script, `nohup`) inherits SIGINT ignored, and Python then installs no
-    KeyboardInterrupt handler: the signal these tests send would be dropped."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def crash_argv(data, out, *extra: str) -> list[str]:
@@ -330,6 +324,34 @@ def test_ctrl_c_message_names_the_step_and_what_is_saved(processed, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.fullmatch(expected, err[0]), err
     assert (tmp_path / "last.pth").exists() == (at > 4)
+
+
+class _CtrlCInFinalizer(_Interrupt):
+    """A criterion wrapper whose training step ``at`` gets a Ctrl-C that a finalizer swallows, instead of one
+    raised in the loop."""
+
+    def __call__(self, outputs, target):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                ctrl_c_in_a_finalizer()
+        return self.criterion(outputs, target)
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_step(processed, tmp_path, capsys, default_sigint):
+    wrappers = []
+    with pytest.raises(SystemExit) as exit_info:
+        run_hooked(train_argv(processed, tmp_path, "--no-augment", epochs=2),
+                   wrapped_loss(lambda criterion: wrappers.append(_CtrlCInFinalizer(criterion, 6)) or wrappers[-1]))
+    assert exit_info.value.code == 130
+    assert wrappers[-1].calls == 6  # no training step after the one the Ctrl-C arrived in
+    err = capsys.readouterr().err.strip().splitlines()
+    # step 2 of epoch 2 went on to its update, the run stopped before step 3, and the message names the step
+    # the Ctrl-C arrived in (the epoch is dropped either way); nothing else is printed, no "Exception ignored"
+    assert len(err) == 1 and re.fullmatch(r"interrupted at epoch 2/2, step 2/4; .*last\.pth holds epoch 1: "
+                                          r"resume with --resume .*last\.pth", err[0]), err
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # run_cli put it back
 
 
 # ----------------------------------------------------------------------------- NaN / inf

@@ -18,8 +18,10 @@ import engine.batch
 import infer
 from data.transforms import InputError, image_files_note, load_image_slice, normalize, resize_images
 from engine.predict import Predictor
-from tests.script_fixtures import phantoms, processed, run_script, slice_rows, trained  # noqa: F401
+from tests.script_fixtures import (ctrl_c_in_a_finalizer, default_sigint, phantoms, processed,  # noqa: F401
+                                   run_script, slice_rows, trained)
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.cli import remembered_ctrl_c
 
 
 def run_infer(checkpoint, input, output=None, **kwargs):
@@ -238,6 +240,24 @@ def test_an_interrupted_folder_run_keeps_finished_masks_and_the_rerun_completes(
     # other settings (here the threshold) make every done case stale: redone, not skipped
     _, stdout = run_infer(checkpoint, folder, out, threshold=0.3)
     assert "skipping" not in stdout and (out / "s0.png").stat().st_mtime_ns != first
+
+
+def test_a_ctrl_c_swallowed_while_writing_a_mask_stops_before_the_next_case(checkpoint, slices, tmp_path,
+                                                                           monkeypatch, default_sigint):
+    folder, out = tmp_path / "slices", tmp_path / "masks"
+    slice_folder(folder, slices)
+    real, calls = engine.batch.mask_to_png, []
+
+    def swallowed_in_the_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            ctrl_c_in_a_finalizer()
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.batch, "mask_to_png", swallowed_in_the_first)
+    with pytest.raises(KeyboardInterrupt, match="1 of 3 cases are done"), remembered_ctrl_c():
+        run_infer(checkpoint, folder, out)
+    assert len(calls) == 1 and (out / "s0.png").is_file() and not (out / "s1.png").exists()
 
 
 def test_a_bad_volume_in_a_folder_is_reported_and_the_others_are_kept(checkpoint, phantoms, tmp_path):

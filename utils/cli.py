@@ -2,11 +2,18 @@
 
 Exit codes: 0 done; 1 an error the user can fix (bad input, a full disk, training that diverged), shown as
 one ``error: ...`` line; 130 interrupted (Ctrl-C). Anything else is a bug and keeps its traceback.
+
+A Ctrl-C is also remembered: Python swallows the KeyboardInterrupt when the signal lands in a finalizer or a
+weakref callback (torch._dynamo runs some during the first optimizer step), and the loops of train.py,
+pretrain.py and infer.py call ``raise_if_interrupted`` at each step, so such a run still stops at the next one.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from typing import Callable
 
 from base import InputError
@@ -26,7 +33,8 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        main(args)
+        with remembered_ctrl_c():
+            main(args)
     except (InputError, FloatingPointError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError) as e:
         if debug:
@@ -44,6 +52,51 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
             raise
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+_ctrl_c = threading.Event()  # set by the handler below; cleared when run_cli starts and ends
+
+
+def _on_sigint(signum, frame) -> None:
+    _ctrl_c.set()
+    raise KeyboardInterrupt
+
+
+def _unraisable(previous):
+    def hook(unraisable) -> None:
+        # the Ctrl-C that a finalizer swallowed is re-raised by raise_if_interrupted: nothing to report
+        if not (_ctrl_c.is_set() and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+            previous(unraisable)
+    return hook
+
+
+@contextlib.contextmanager
+def remembered_ctrl_c():
+    """Within the block, a Ctrl-C raises KeyboardInterrupt as usual and is also remembered for
+    ``raise_if_interrupted``. A process whose SIGINT is ignored (started with ``nohup`` or ``&`` by a shell
+    without job control) or handled by someone else keeps it so, and off the main thread nothing changes."""
+    _ctrl_c.clear()
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    previous_hook = sys.unraisablehook
+    signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = _unraisable(previous_hook)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
+        _ctrl_c.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C arrived (in ``remembered_ctrl_c``) although none propagated:
+    it landed where Python swallows exceptions. Cheap enough to call at every step."""
+    if _ctrl_c.is_set():
+        raise KeyboardInterrupt
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 # Equal-width probability bins in [0, 1] for the AUC histograms; AUC is exact up to this resolution.
@@ -135,6 +134,8 @@ def histogram_auc(pos_hist: Tensor, neg_hist: Tensor) -> float:
     centres = (np.arange(bins) + 0.5) / bins
     y_true = np.concatenate([np.zeros(bins), np.ones(bins)])
     score = np.concatenate([centres, centres])
+    from sklearn.metrics import roc_auc_score  # here: importing sklearn takes 1 s of every script start
+
     return float(roc_auc_score(y_true, score, sample_weight=np.concatenate([neg, pos])))
 
 
