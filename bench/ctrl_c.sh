@@ -39,8 +39,7 @@ for i in $(seq 1 "$runs"); do
   lines=$(wc -l < "$tmp/stderr")
   noise=$(grep -c -e Traceback -e "Exception ignored" "$tmp/stderr")
   ok=$([ "$rc" = 130 ] && [ "$lines" = 1 ] && [ "$noise" = 0 ] && echo ok || echo FAILED)
-  [ "$ok" = ok ] || bad=$((bad + 1))
-  [ "$ok" = ok ] || sed "s/^/    /" "$tmp/stderr"
+  if [ "$ok" != ok ]; then bad=$((bad + 1)); sed "s/^/    /" "$tmp/stderr"; fi
   echo "run $i: SIGINT ${delay} s after the first line: exit $rc, $lines line(s) on stderr: $(head -c 100 "$tmp/stderr" | head -1) [$ok]"
 done
 echo "$((runs - bad)) of $runs runs stopped with exit 130 and one line"
