@@ -13,13 +13,18 @@ restores model, optimizer, scheduler, AMP scaler, RNG states and epoch: on CPU w
 interrupted-and-resumed run ends with bitwise the same weights as an uninterrupted one. Ctrl-C stops at
 once (the unfinished epoch is dropped), or at the next step when Python swallowed it, and says how to resume; a NaN or infinite loss stops training
 before those weights are saved. See docs/RELIABILITY.md.
+
+--folds K trains one model per fold of a pair folder and scores each on its held-out part (OUT/cv.json);
+--fold-jobs N trains N of them at once, each in a process of its own (engine.cross_validation).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import itertools
+import os
 import time
 from pathlib import Path
 
@@ -117,6 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0, help="pair folders: K-fold cross-validation, one run per fold")
     p.add_argument("--fold", type=int, default=None,
                    help="with --folds: run this fold only (0-based), into OUT/fold<I> as the whole run would")
+    p.add_argument("--fold-jobs", type=int, default=1, metavar="N",
+                   help="with --folds: train N folds at once, each in a process of its own with 1/N of the CPU "
+                        "threads and an epoch line instead of progress bars (a 2-core CPU without bf16 trains "
+                        "the recipe's folds 1.2x faster two at a time; docs/BENCHMARKS.md)")
     p.add_argument("--train-subset", type=int, default=0, metavar="N",
                    help="pair folders: train on a seeded N of the training pairs, validation unchanged (how a "
                         "recipe does with fewer labelled slices; a smaller N's slices lie inside a larger one's)")
@@ -152,13 +161,20 @@ def main(args: argparse.Namespace, hooks: Hooks | None = None) -> dict:
     """
     hooks = hooks or Hooks()
     with contextlib.ExitStack() as hold:
+        if args.fold_jobs < 1 or (args.fold_jobs > 1 and (not args.folds or args.fold is not None)):
+            raise InputError(f"--fold-jobs {args.fold_jobs}: needs a positive number of folds to train at once, "
+                             "and more than 1 only with --folds K (not with --fold)")
         if not args.folds or args.fold is not None:
             if args.fold is not None and not 0 <= args.fold < max(args.folds, 1):
                 raise InputError(f"--fold {args.fold} needs --folds K with 0 <= fold < K")
             if args.fold is not None and args.folds:  # where the whole cross-validation puts this fold
                 args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / f"fold{args.fold}")})
             return train(args, hold, hooks)
-        return cross_validate(args, lambda fold_args: train(fold_args, hooks=hooks), hold)
+        if args.fold_jobs > 1:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise InputError("--fold-jobs trains folds in processes of its own; under torchrun give --fold-jobs 1")
+            args = argparse.Namespace(**{**vars(args), "progress": False})  # the folds' bars would interleave
+        return cross_validate(args, functools.partial(train, hooks=hooks), hold)
 
 
 def make_loaders(args: argparse.Namespace, train_set, val_set, ctx: distributed.Context, device: torch.device):

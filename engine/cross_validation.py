@@ -1,16 +1,25 @@
-"""K-fold cross-validation over a folder of image-mask pairs: one training run per fold, each fold's final
-model scored by :func:`engine.evaluation.evaluate` on the pairs it did not train on."""
+"""K-fold cross-validation over a folder of image-mask pairs: one training run per fold (one after the other,
+or ``--fold-jobs`` at a time in processes of their own), each fold's final model scored by
+:func:`engine.evaluation.evaluate` on the pairs it did not train on."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from base import exclusive_lock
+from base import InputError, exclusive_lock
 from data.split_data import write_json
 from engine.evaluation import evaluate
 from engine.training import LOCK_HOLDER, build_datasets
@@ -75,11 +84,13 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
                        train_subset=getattr(args, "train_subset", 0))
         Path(args.out).mkdir(parents=True, exist_ok=True)  # only once the data is known to be there
         hold.enter_context(exclusive_lock(args.out, LOCK_HOLDER))
-    runs, scores, class_folds = [], {**{k: [] for k in SCORES}, "n": []}, []
-    for i in range(args.folds):
+    fold_args = [argparse.Namespace(**{**vars(args), "fold": i, "out": str(Path(args.out) / f"fold{i}")})
+                 for i in range(args.folds)]
+    jobs = getattr(args, "fold_jobs", 1)
+    runs = train_in_parallel(train, fold_args, jobs) if jobs > 1 else [train(a) for a in fold_args]
+    scores, class_folds = {**{k: [] for k in SCORES}, "n": []}, []
+    for i, run in enumerate(runs):
         out = Path(args.out) / f"fold{i}"
-        run = train(argparse.Namespace(**{**vars(args), "fold": i, "out": str(out)}))
-        runs.append(run)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 scores
             continue
         res = evaluate(out / "last.pth", args.data, out=out / "eval-val", device=args.device, amp=args.amp,
@@ -116,3 +127,166 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
 
 def _fmt(m: dict) -> str:
     return "-" if m["mean"] is None else f"{m['mean']:.4f} ± {m['sd'] or 0:.4f}"
+
+
+# ----------------------------------------------------------------------------- folds side by side (--fold-jobs)
+# Each fold is a spawned process in a process group of its own: the terminal's Ctrl-C reaches this process only,
+# which passes one SIGINT on to every running fold, so a fold is not interrupted a second time while it reports
+# where it stopped. A fold whose parent dies (killed) stops itself the same way rather than train on, orphaned.
+# When no fold is left to start, the threads of those that end go to those still running: the parent writes
+# the new share and sends SIGUSR1, whose handler sets it between two operations of the fold's main thread.
+
+
+def train_in_parallel(train: Callable[[argparse.Namespace], dict], fold_args: list[argparse.Namespace],
+                      jobs: int) -> list[dict]:
+    """``train(a)`` for every ``a`` of ``fold_args``, ``jobs`` at a time, each in a spawned process with an equal
+    share of this process's CPU threads and its output lines prefixed "fold <i>: ".
+
+    A fold that fails stops the others at their next step (each saves as after a Ctrl-C) and its exception is
+    raised here, after their lines; a Ctrl-C here stops them all and raises one KeyboardInterrupt whose message
+    holds each fold's own line (where it stopped and how to resume) and the folds not started.
+
+    Returns what ``train`` returned, in the order of ``fold_args``.
+    """
+    threads = torch.get_num_threads()
+    spawn = multiprocessing.get_context("spawn")
+    share = spawn.RawValue("i", max(1, threads // jobs))  # each running fold's CPU threads
+    todo, running, results, errors = list(enumerate(fold_args)), {}, {}, {}
+    interrupted = False
+
+    def start(i: int, a: argparse.Namespace) -> None:
+        receive, send = spawn.Pipe(duplex=False)
+        process = spawn.Process(target=_fold_process, args=(train, a, share, send), name=f"fold{a.fold}")
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited: ignored until the fold handles it
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        send.close()  # only the child holds it now: a child that dies unannounced closes it
+        running[i] = (process, receive)
+        print(f"fold {a.fold}: started ({share.value} CPU thread{'s' * (share.value > 1)}, {jobs} folds at a time)",
+              flush=True)
+
+    def rebalance() -> None:  # no fold left to start: the running ones share all the threads
+        if not todo and running and share.value != max(1, threads // len(running)):
+            share.value = max(1, threads // len(running))
+            for process, _ in running.values():
+                os.kill(process.pid, signal.SIGUSR1)
+            print(f"{', '.join(f'fold {fold_args[i].fold}' for i in running)}: {share.value} CPU threads now",
+                  flush=True)
+
+    def collect(i: int) -> None:
+        process, receive = running[i]
+        try:
+            kind, value = receive.recv()
+        except EOFError:
+            process.join()
+            code = process.exitcode
+            kind, value = "error", ChildProcessError(
+                f"fold {fold_args[i].fold} ended without a result (exit code {code}"
+                + (f": killed by signal {-code}, perhaps for want of memory)" if code < 0 else ")"))
+        process.join()
+        receive.close()
+        del running[i]
+        if kind == "done":
+            results[i] = value
+            print(f"fold {fold_args[i].fold}: done", flush=True)
+        else:
+            if not errors:
+                _stop(running)
+            errors[i] = value
+
+    try:
+        while running or (todo and not errors):
+            while todo and len(running) < jobs and not errors:
+                start(*todo.pop(0))
+            ready = wait([receive for _, receive in running.values()])
+            for i in [i for i, (_, receive) in running.items() if receive in ready]:
+                collect(i)
+            if not errors:
+                rebalance()
+    except KeyboardInterrupt:
+        interrupted = True
+        _stop(running)
+        for i in list(running):
+            collect(i)
+    if not errors and not interrupted:
+        return [results[i] for i in range(len(fold_args))]
+    lines = [f"fold {fold_args[i].fold}: {e or 'interrupted'}" for i, e in sorted(errors.items())
+             if isinstance(e, KeyboardInterrupt)]
+    if todo:
+        lines.append(f"not started: fold {', '.join(str(a.fold) for _, a in todo)}")
+    cause = next((e for e in errors.values() if not isinstance(e, KeyboardInterrupt)), None)
+    if cause is None:
+        raise KeyboardInterrupt("\n".join(lines) or "interrupted")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    raise cause
+
+
+def _stop(running: dict) -> None:
+    """One SIGINT to each running fold; each stops at its next step and saves."""
+    for process, _ in running.values():
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+
+
+def _fold_process(train: Callable, args: argparse.Namespace, share, send) -> None:
+    """A fold's process: train with ``share.value`` CPU threads (re-read on SIGUSR1) and send ("done", result)
+    or ("error", exception)."""
+    from utils.cli import remembered_ctrl_c
+
+    os.setpgrp()  # the terminal's Ctrl-C goes to the parent, which passes it on once
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the parent's is ignored (nohup)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: torch.set_num_threads(share.value))
+    torch.set_num_threads(share.value)
+    prefix = f"fold {args.fold}: "
+    sys.stdout, sys.stderr = _Prefixed(sys.stdout, prefix), _Prefixed(sys.stderr, prefix)
+    threading.Thread(target=_stop_with_parent, daemon=True).start()
+    try:
+        with remembered_ctrl_c():
+            message = ("done", train(args))
+    except BaseException as e:  # noqa: B036 - every ending goes back to the parent, Ctrl-C included
+        if not isinstance(e, (InputError, OSError, FloatingPointError, KeyboardInterrupt)) or args.debug:
+            traceback.print_exc()  # a bug: its traceback, since the parent raises only the exception
+        message = ("error", _picklable(e))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    send.send(message)
+    send.close()
+
+
+def _stop_with_parent() -> None:
+    """Stop this fold (as a Ctrl-C would) if the parent process dies, rather than train on, orphaned."""
+    wait([multiprocessing.parent_process().sentinel])
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _picklable(e: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # an exception that cannot be sent: its text, so the parent still reports it
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+class _Prefixed:
+    """A text stream that writes whole lines only, each with a prefix: the folds' lines do not interleave."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.pending = stream, prefix, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:
+            self.stream.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.write("\n")
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
