@@ -148,7 +148,7 @@ def train_in_parallel(train: Callable[[argparse.Namespace], dict], fold_args: li
 
     Returns what ``train`` returned, in the order of ``fold_args``.
     """
-    threads = torch.get_num_threads()
+    threads, jobs = torch.get_num_threads(), min(jobs, len(fold_args))
     spawn = multiprocessing.get_context("spawn")
     share = spawn.RawValue("i", max(1, threads // jobs))  # each running fold's CPU threads
     todo, running, results, errors = list(enumerate(fold_args)), {}, {}, {}

@@ -96,16 +96,18 @@ def _fold_that_fails_or_waits(args: argparse.Namespace) -> dict:
     return {}
 
 
-def test_the_threads_of_a_fold_that_ends_go_to_the_folds_still_running(capsys):
+@pytest.mark.parametrize("threads, jobs", [(2, 2), (4, 3)])  # 3 jobs for 2 folds: 2 threads each, not 1
+def test_the_threads_of_a_fold_that_ends_go_to_the_folds_still_running(capsys, threads, jobs):
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         runs = train_in_parallel(_fold_that_reports_its_threads,
-                                 [argparse.Namespace(fold=i, debug=False) for i in range(2)], jobs=2)
+                                 [argparse.Namespace(fold=i, debug=False) for i in range(2)], jobs=jobs)
     finally:
         torch.set_num_threads(before)
-    assert runs == [{"fold": 0, "threads": [1]}, {"fold": 1, "threads": [1, 2]}]
-    assert "fold 1: 2 CPU threads now" in capsys.readouterr().out.splitlines()
+    half = threads // 2
+    assert runs == [{"fold": 0, "threads": [half]}, {"fold": 1, "threads": [half, threads]}]
+    assert f"fold 1: {threads} CPU threads now" in capsys.readouterr().out.splitlines()
 
 
 def test_a_failing_fold_stops_the_others_each_saying_where(capsys):
