@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -137,6 +136,11 @@ def _fmt(m: dict) -> str:
 # the new share and sends SIGUSR1, whose handler sets it between two operations of the fold's main thread.
 
 
+# what a fold sends back as it is (utils.cli.run_cli shows them as one line); anything else goes back as a
+# RuntimeError with its text, since the parent could not rebuild every exception class from a pickle
+USER_ERRORS = (InputError, OSError, FloatingPointError, KeyboardInterrupt)
+
+
 def train_in_parallel(train: Callable[[argparse.Namespace], dict], fold_args: list[argparse.Namespace],
                       jobs: int) -> list[dict]:
     """``train(a)`` for every ``a`` of ``fold_args``, ``jobs`` at a time, each in a spawned process with an equal
@@ -246,9 +250,10 @@ def _fold_process(train: Callable, args: argparse.Namespace, share, send) -> Non
         with remembered_ctrl_c():
             message = ("done", train(args))
     except BaseException as e:  # noqa: B036 - every ending goes back to the parent, Ctrl-C included
-        if not isinstance(e, (InputError, OSError, FloatingPointError, KeyboardInterrupt)) or args.debug:
-            traceback.print_exc()  # a bug: its traceback, since the parent raises only the exception
-        message = ("error", _picklable(e))
+        user = isinstance(e, USER_ERRORS)
+        if not user or args.debug:
+            traceback.print_exc()  # a bug: its traceback here, since the parent raises only the exception
+        message = ("error", e if user else RuntimeError(f"fold {args.fold}: {type(e).__name__}: {e} (traceback above)"))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -260,14 +265,6 @@ def _stop_with_parent() -> None:
     """Stop this fold (as a Ctrl-C would) if the parent process dies, rather than train on, orphaned."""
     wait([multiprocessing.parent_process().sentinel])
     os.kill(os.getpid(), signal.SIGINT)
-
-
-def _picklable(e: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # an exception that cannot be sent: its text, so the parent still reports it
-        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 class _Prefixed:

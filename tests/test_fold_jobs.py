@@ -110,6 +110,17 @@ def test_the_threads_of_a_fold_that_ends_go_to_the_folds_still_running(capsys, t
     assert f"fold 1: {threads} CPU threads now" in capsys.readouterr().out.splitlines()
 
 
+def _fold_with_a_bug(args: argparse.Namespace) -> dict:
+    raise ValueError(f"a bug in fold {args.fold}")
+
+
+def test_a_bug_in_a_fold_keeps_its_traceback(capfd):  # the fold writes to the file descriptor
+    with pytest.raises(RuntimeError, match="fold 0: ValueError: a bug in fold 0 \\(traceback above\\)"):
+        train_in_parallel(_fold_with_a_bug, [argparse.Namespace(fold=0, debug=False)], jobs=2)
+    err = capfd.readouterr().err
+    assert "fold 0: Traceback (most recent call last):" in err and "fold 0: ValueError: a bug in fold 0" in err
+
+
 def test_a_failing_fold_stops_the_others_each_saying_where(capsys):
     folds = [argparse.Namespace(fold=i, debug=False) for i in range(3)]
     with pytest.raises(InputError, match="fold1.pth: not found"):
