@@ -22,6 +22,7 @@ from base import InputError, exclusive_lock
 from data.split_data import write_json
 from engine.evaluation import evaluate
 from engine.training import LOCK_HOLDER, build_datasets
+from utils.cli import remembered_ctrl_c
 from utils.metrics import finite_or_none, mean_sd
 
 SCORES = ("dice", "iou", "dice_threshold_averaged")
@@ -88,8 +89,8 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
     jobs = getattr(args, "fold_jobs", 1)
     runs = train_in_parallel(train, fold_args, jobs) if jobs > 1 else [train(a) for a in fold_args]
     scores, class_folds = {**{k: [] for k in SCORES}, "n": []}, []
-    for i, run in enumerate(runs):
-        out = Path(args.out) / f"fold{i}"
+    for a, run in zip(fold_args, runs):
+        out = Path(a.out)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 scores
             continue
         res = evaluate(out / "last.pth", args.data, out=out / "eval-val", device=args.device, amp=args.amp,
@@ -216,7 +217,7 @@ def train_in_parallel(train: Callable[[argparse.Namespace], dict], fold_args: li
             collect(i)
     if not errors and not interrupted:
         return [results[i] for i in range(len(fold_args))]
-    lines = [f"fold {fold_args[i].fold}: {e or 'interrupted'}" for i, e in sorted(errors.items())
+    lines = [f"fold {fold_args[i].fold}: {str(e) or 'interrupted'}" for i, e in sorted(errors.items())
              if isinstance(e, KeyboardInterrupt)]
     if todo:
         lines.append(f"not started: fold {', '.join(str(a.fold) for _, a in todo)}")
@@ -237,8 +238,6 @@ def _stop(running: dict) -> None:
 def _fold_process(train: Callable, args: argparse.Namespace, share, send) -> None:
     """A fold's process: train with ``share.value`` CPU threads (re-read on SIGUSR1) and send ("done", result)
     or ("error", exception)."""
-    from utils.cli import remembered_ctrl_c
-
     os.setpgrp()  # the terminal's Ctrl-C goes to the parent, which passes it on once
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the parent's is ignored (nohup)
     signal.signal(signal.SIGUSR1, lambda signum, frame: torch.set_num_threads(share.value))
