@@ -173,8 +173,9 @@ def train_in_parallel(train: Callable[[argparse.Namespace], dict], fold_args: li
               flush=True)
 
     def rebalance() -> None:  # no fold left to start: the running ones share all the threads
-        if not todo and running and share.value != max(1, threads // len(running)):
-            share.value = max(1, threads // len(running))
+        each = max(1, threads // max(1, len(running)))
+        if not todo and running and share.value != each:
+            share.value = each
             for process, _ in running.values():
                 os.kill(process.pid, signal.SIGUSR1)
             print(f"{', '.join(f'fold {fold_args[i].fold}' for i in running)}: {share.value} CPU threads now",
