@@ -15,7 +15,8 @@ once (the unfinished epoch is dropped), or at the next step when Python swallowe
 before those weights are saved. See docs/RELIABILITY.md.
 
 --folds K trains one model per fold of a pair folder and scores each on its held-out part (OUT/cv.json);
---fold-jobs N trains N of them at once, each in a process of its own (engine.cross_validation).
+--fold-jobs N trains N of them at once, each in a process of its own (engine.cross_validation). An interrupted
+cross-validation continues with `--resume OUT`: finished folds are kept, the others resume or start.
 """
 from __future__ import annotations
 
@@ -149,7 +150,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=OUT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
-    p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (e.g. OUT/last.pth)")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a checkpoint (e.g. OUT/last.pth); with --folds K (every fold), the "
+                        "cross-validation's folder OUT: each fold continues from OUT/fold<i>/last.pth where it has one")
     return add_runtime_args(p)
 
 
@@ -433,7 +436,8 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     run = RunState()
     if args.resume:
         run = resume(args.resume, state, model, optimizer, scheduler, scaler, gen, semi)
-        log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}", flush=True)
+        log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}" if run.start_epoch < args.epochs
+            else f"{args.resume} holds all {args.epochs} epochs: nothing left to train", flush=True)
 
     # DDP broadcasts rank 0's weights and averages gradients; `model` stays the unwrapped module that is saved
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model

@@ -21,7 +21,7 @@ import torch
 from base import InputError, exclusive_lock
 from data.split_data import write_json
 from engine.evaluation import evaluate
-from engine.training import LOCK_HOLDER, build_datasets
+from engine.training import LOCK_HOLDER, TrainingInterrupted, build_datasets
 from utils.cli import remembered_ctrl_c
 from utils.metrics import finite_or_none, mean_sd
 
@@ -69,6 +69,10 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
     (each image scored once, by the model that did not train on it). A types task adds "classes": the
     same per lesion type (:func:`class_summary`).
 
+    With --resume OUT (the same folder as --out), each fold continues from its OUT/fold<i>/last.pth where it
+    has one (a fold that holds all its epochs is only scored) and trains from the start where not. A Ctrl-C
+    raises :class:`FoldsInterrupted`, which says where each running fold stopped and how to resume.
+
     Args:
         args: train.py's arguments, with --folds K.
         train: one training run (train.py's ``train``); returns {"best_dice", "val_pairs", ...}.
@@ -77,6 +81,7 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
     Returns:
         The cv.json summary plus "runs", what ``train`` returned for each fold.
     """
+    resume_from = resume_points(args)
     if hold is not None and int(os.environ.get("RANK", "0")) == 0:
         build_datasets(args.data, args.task, args.size, args.val_fraction, args.seed, "none", args.folds, 0,
                        getattr(args, "look_window", None), getattr(args, "look_crop", None), log=lambda line: None,
@@ -84,10 +89,10 @@ def cross_validate(args: argparse.Namespace, train: Callable[[argparse.Namespace
                        train_subset=getattr(args, "train_subset", 0))
         Path(args.out).mkdir(parents=True, exist_ok=True)  # only once the data is known to be there
         hold.enter_context(exclusive_lock(args.out, LOCK_HOLDER))
-    fold_args = [argparse.Namespace(**{**vars(args), "fold": i, "out": str(Path(args.out) / f"fold{i}")})
-                 for i in range(args.folds)]
+    fold_args = [argparse.Namespace(**{**vars(args), "fold": i, "out": str(Path(args.out) / f"fold{i}"),
+                                       "resume": resume_from[i]}) for i in range(args.folds)]
     jobs = getattr(args, "fold_jobs", 1)
-    runs = train_in_parallel(train, fold_args, jobs) if jobs > 1 else [train(a) for a in fold_args]
+    runs = train_in_parallel(train, fold_args, jobs) if jobs > 1 else train_in_turn(train, fold_args)
     scores, class_folds = {**{k: [] for k in SCORES}, "n": []}, []
     for a, run in zip(fold_args, runs):
         out = Path(a.out)
@@ -129,6 +134,57 @@ def _fmt(m: dict) -> str:
     return "-" if m["mean"] is None else f"{m['mean']:.4f} ± {m['sd'] or 0:.4f}"
 
 
+def resume_points(args: argparse.Namespace) -> list[str | None]:
+    """Each fold's checkpoint to continue from under --resume OUT (OUT/fold<i>/last.pth, or None where the fold
+    has none and trains from the start); all None without --resume. Raises InputError when --resume names
+    anything but the cross-validation's own folder, or one where no fold has a last.pth."""
+    if not getattr(args, "resume", None):
+        return [None] * args.folds
+    cv = Path(args.resume)
+    if not cv.is_dir():
+        raise InputError(f"--resume {cv}: with --folds {args.folds} (every fold) it takes the cross-validation's "
+                         f"folder, where each fold continues from its own fold<i>/last.pth; to resume one fold "
+                         f"from a checkpoint, add --fold I")
+    if cv.resolve() != Path(args.out).resolve():
+        raise InputError(f"--resume {cv} continues the cross-validation in {cv}, but --out is {args.out}: give "
+                         f"--out {cv} as well")
+    points = [cv / f"fold{i}" / "last.pth" for i in range(args.folds)]
+    if not any(p.is_file() for p in points):
+        raise InputError(f"--resume {cv}: no fold there has a last.pth to resume from (looked for "
+                         f"fold0/last.pth .. fold{args.folds - 1}/last.pth); start it without --resume")
+    return [str(p) if p.is_file() else None for p in points]
+
+
+class FoldsInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a cross-validation. Its message: where each running fold stopped (``stopped``: fold ->
+    its KeyboardInterrupt), the folds not started, and how to resume the whole cross-validation in ``out``
+    when any fold there has a last.pth."""
+
+    def __init__(self, out: Path, folds: int, stopped: dict[int, BaseException], not_started: list[int]):
+        lines = _stopped_lines(stopped, not_started)
+        if any((out / f"fold{i}" / "last.pth").is_file() for i in range(folds)):
+            lines.append(f"resume the cross-validation with the same command and --resume {out}")
+        super().__init__("\n".join(lines) or "interrupted")
+
+
+def _stopped_lines(stopped: dict[int, BaseException], not_started: list[int]) -> list[str]:
+    lines = [f"fold {i}: {e.stopped() if isinstance(e, TrainingInterrupted) else str(e) or 'interrupted'}"
+             for i, e in sorted(stopped.items())]
+    return lines + ([f"not started: fold {', '.join(map(str, not_started))}"] if not_started else [])
+
+
+def train_in_turn(train: Callable[[argparse.Namespace], dict], fold_args: list[argparse.Namespace]) -> list[dict]:
+    """``train(a)`` for every ``a`` of ``fold_args``, one after the other; a Ctrl-C raises FoldsInterrupted."""
+    runs = []
+    for n, a in enumerate(fold_args):
+        try:
+            runs.append(train(a))
+        except KeyboardInterrupt as e:
+            raise FoldsInterrupted(Path(a.out).parent, len(fold_args), {a.fold: e},
+                                   [b.fold for b in fold_args[n + 1:]]) from None
+    return runs
+
+
 # ----------------------------------------------------------------------------- folds side by side (--fold-jobs)
 # Each fold is a spawned process in a process group of its own: the terminal's Ctrl-C reaches this process only,
 # which passes one SIGINT on to every running fold, so a fold is not interrupted a second time while it reports
@@ -148,8 +204,8 @@ def train_in_parallel(train: Callable[[argparse.Namespace], dict], fold_args: li
     share of this process's CPU threads and its output lines prefixed "fold <i>: ".
 
     A fold that fails stops the others at their next step (each saves as after a Ctrl-C) and its exception is
-    raised here, after their lines; a Ctrl-C here stops them all and raises one KeyboardInterrupt whose message
-    holds each fold's own line (where it stopped and how to resume) and the folds not started.
+    raised here, after their lines; a Ctrl-C here stops them all and raises one FoldsInterrupted (each fold's
+    line: where it stopped; the folds not started; how to resume).
 
     Returns what ``train`` returned, in the order of ``fold_args``.
     """
@@ -218,14 +274,12 @@ def train_in_parallel(train: Callable[[argparse.Namespace], dict], fold_args: li
             collect(i)
     if not errors and not interrupted:
         return [results[i] for i in range(len(fold_args))]
-    lines = [f"fold {fold_args[i].fold}: {str(e) or 'interrupted'}" for i, e in sorted(errors.items())
-             if isinstance(e, KeyboardInterrupt)]
-    if todo:
-        lines.append(f"not started: fold {', '.join(str(a.fold) for _, a in todo)}")
+    stopped = {fold_args[i].fold: e for i, e in errors.items() if isinstance(e, KeyboardInterrupt)}
+    not_started = [a.fold for _, a in todo]
     cause = next((e for e in errors.values() if not isinstance(e, KeyboardInterrupt)), None)
     if cause is None:
-        raise KeyboardInterrupt("\n".join(lines) or "interrupted")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+        raise FoldsInterrupted(Path(fold_args[0].out).parent, len(fold_args), stopped, not_started)
+    print("\n".join(_stopped_lines(stopped, not_started)), file=sys.stderr, flush=True)
     raise cause
 
 
@@ -257,7 +311,8 @@ def _fold_process(train: Callable, args: argparse.Namespace, share, send) -> Non
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    send.send(message)
+    with contextlib.suppress(BrokenPipeError):  # the parent is gone (killed): there is no one to tell
+        send.send(message)
     send.close()
 
 

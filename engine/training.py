@@ -49,7 +49,21 @@ class TrainingDiverged(FloatingPointError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message says where it stopped and how to resume."""
+    """Ctrl-C during training: where it stopped (``where``), the checkpoint that holds the run and its epochs
+    (``saved``, or None), and, as its message, how to resume."""
+
+    def __init__(self, where: str, saved: tuple[Path | str, int] | None = None):
+        super().__init__(where, saved)  # as args, so that it pickles (a fold of --fold-jobs sends it back)
+        self.where, self.saved = where, saved
+
+    def stopped(self) -> str:
+        """Where the run stopped and what is on disk, without how to resume."""
+        if self.saved is None:
+            return f"interrupted at {self.where}; no epoch had finished, nothing was saved"
+        return f"interrupted at {self.where}; {self.saved[0]} holds epoch {self.saved[1]}"
+
+    def __str__(self) -> str:
+        return self.stopped() + (f": resume with --resume {self.saved[0]}" if self.saved else "")
 
 
 # ----------------------------------------------------------------------------- factories
@@ -288,10 +302,7 @@ class Progress:
 
     def interrupted(self) -> TrainingInterrupted:
         # the unfinished epoch is dropped: resuming redoes it from its start, exactly as an unbroken run would
-        if self.saved is None:
-            return TrainingInterrupted(f"interrupted at {self.where()}; no epoch had finished, nothing was saved")
-        return TrainingInterrupted(f"interrupted at {self.where()}; {self.saved[0]} holds epoch {self.saved[1]}: "
-                                   f"resume with --resume {self.saved[0]}")
+        return TrainingInterrupted(self.where(), self.saved)
 
 
 def divergence_advice(lr: float, amp: str) -> str:

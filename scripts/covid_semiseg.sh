@@ -26,7 +26,9 @@
 #   python infer.py --checkpoint OUT_DIR/*.pth --input IMGS_DIR --output PRED_DIR --save-probs PROB_DIR
 #
 # (probabilities averaged over the five models, each with flip test-time augmentation, recorded in the
-# checkpoints). OUT_DIR/cv/cv.json holds the cross-validated Dice; OUT_DIR/cv/fold<i>/ each fold's run.
+# checkpoints). OUT_DIR/cv/cv.json holds the cross-validated Dice; OUT_DIR/cv/fold<i>/ each fold's run. An
+# interrupted run continues with the same command and `--resume OUT_DIR/cv`: finished folds are kept, the
+# others resume from their last.pth or start (a finished pretraining is reused either way).
 # Uses .venv (made by `make install` if missing) unless PYTHON names another interpreter.
 set -euo pipefail
 if [ $# -lt 2 ]; then

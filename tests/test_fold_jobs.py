@@ -137,12 +137,14 @@ def test_ctrl_c_stops_every_running_fold_each_saying_how_to_resume(pairs, tmp_pa
     err = (tmp_path / "run.err").read_text()
     assert "Traceback" not in err and "Exception ignored" not in err
     lines = err.splitlines()
-    assert lines[-1] == "not started: fold 2" and not (tmp_path / "cv" / "fold2").exists()
+    assert lines[-2:] == ["not started: fold 2",
+                          f"resume the cross-validation with the same command and --resume {tmp_path / 'cv'}"]
+    assert not (tmp_path / "cv" / "fold2").exists()
     for i in (0, 1):
         last = tmp_path / "cv" / f"fold{i}" / "last.pth"
         [line] = [line for line in lines if line.startswith(f"fold {i}: interrupted at epoch")]
-        assert f"resume with --resume {last}" in line
-        assert torch.load(last, weights_only=True)["epoch"] >= 0  # the folds saved; the files load
+        epoch = torch.load(last, weights_only=True)["epoch"]  # the folds saved; the files load
+        assert line.endswith(f"; {last} holds epoch {epoch + 1}"), line
     assert not (tmp_path / "cv" / "cv.json").exists()
 
 
@@ -169,6 +171,7 @@ def test_folds_stop_when_train_py_is_killed(pairs, tmp_path):
     assert not left, "a fold trained on after train.py was killed"
     for i in (0, 1):
         torch.load(tmp_path / "cv" / f"fold{i}" / "last.pth", weights_only=True)  # saved whole
+    assert "Traceback" not in (tmp_path / "run.err").read_text(), "a fold with no parent to tell ends quietly"
 
 
 @pytest.mark.parametrize("extra, problem", [

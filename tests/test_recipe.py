@@ -37,6 +37,14 @@ def test_recipe_leaves_five_fold_models_that_infer_averages(processed, tmp_path)
     cv = json.loads((out / "cv" / "cv.json").read_text())
     assert cv["folds"] == 5 and len(cv["last_epoch"]["dice"]) == 5 and sum(cv["last_epoch"]["n"]) <= 10
 
+    # continued with --resume OUT_DIR/cv, as an interrupted recipe is: the finished folds are kept as they are
+    before = [path.read_bytes() for path in models]
+    proc = run_recipe(str(data), str(out), "--size", str(SIZE), "--width", "4", "--device", "cpu",
+                      "--resume", str(out / "cv"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("holds all 1 epochs: nothing left to train") == 5
+    assert [path.read_bytes() for path in models] == before
+
     # the README's inference command on those models: masks and 8-bit maps named and sized like the inputs
     src = tmp_path / "imgs"
     src.mkdir()
