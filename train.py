@@ -436,8 +436,10 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     run = RunState()
     if args.resume:
         run = resume(args.resume, state, model, optimizer, scheduler, scaler, gen, semi)
-        log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}" if run.start_epoch < args.epochs
-            else f"{args.resume} holds all {args.epochs} epochs: nothing left to train", flush=True)
+        if run.start_epoch < args.epochs:
+            log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}", flush=True)
+        else:  # e.g. a finished fold of a resumed cross-validation, which is only scored
+            log(f"{args.resume} holds all {args.epochs} epoch{'s' * (args.epochs != 1)}: nothing left to train")
 
     # DDP broadcasts rank 0's weights and averages gradients; `model` stays the unwrapped module that is saved
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model

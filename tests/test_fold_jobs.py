@@ -128,7 +128,7 @@ def test_a_failing_fold_stops_the_others_each_saying_where(capsys):
     assert capsys.readouterr().err.splitlines()[-2:] == ["fold 0: interrupted at epoch 3/9", "not started: fold 2"]
 
 
-def test_ctrl_c_stops_every_running_fold_each_saying_how_to_resume(pairs, tmp_path):
+def test_ctrl_c_stops_every_running_fold_and_says_how_to_resume_them(pairs, tmp_path):
     proc = start(argv(pairs, tmp_path / "cv", "--fold-jobs", "2", epochs=1000), tmp_path / "run")
     for i in (0, 1):  # epoch 1 saved
         wait_for_line(proc, tmp_path / "run.out", f"fold {i}: Epoch 2/")

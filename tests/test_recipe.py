@@ -42,7 +42,7 @@ def test_recipe_leaves_five_fold_models_that_infer_averages(processed, tmp_path)
     proc = run_recipe(str(data), str(out), "--size", str(SIZE), "--width", "4", "--device", "cpu",
                       "--resume", str(out / "cv"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("holds all 1 epochs: nothing left to train") == 5
+    assert proc.stdout.count("holds all 1 epoch: nothing left to train") == 5
     assert [path.read_bytes() for path in models] == before
 
     # the README's inference command on those models: masks and 8-bit maps named and sized like the inputs
