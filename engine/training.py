@@ -504,6 +504,10 @@ def resume_mismatch(ckpt: dict, state: dict) -> str | None:
             + (f", teacher {r['teacher']['path']} sha256 {r['teacher']['sha256']}" if r.get("teacher") else "") + ")")
         return (f"was trained {said(ckpt.get('semi'))}; asked for {said(state.get('semi'))} (pass the checkpoint's "
                 f"--unlabeled/--semi/--unlabeled-weight/--ema-decay/--confidence/--teacher)")
+    sched = ckpt.get("args", {}).get("sched", state["args"]["sched"])
+    if sched != state["args"]["sched"]:
+        return (f"was trained with --sched {sched}, asked for --sched {state['args']['sched']} (pass the "
+                f"checkpoint's --sched)")
     if ckpt.get("other_labels", state.get("other_labels")) != state.get("other_labels"):
         return (f"made other lesion labels {ckpt.get('other_labels')!r}, asked for {state.get('other_labels')!r} "
                 f"(pass the checkpoint's --other-labels)")
@@ -535,6 +539,7 @@ class RunState:
     best_loss: float = math.inf
     history: list[dict] = field(default_factory=list)
     best_saved: bool = False
+    planned_epochs: int | None = None  # a resumed run's: the --epochs its checkpoint was trained for
 
 
 def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, gen: torch.Generator,
@@ -559,7 +564,10 @@ def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, g
         if semi is not None:  # a fixed teacher: its file is the record's, checked by resume_mismatch
             semi.load_state_dict(ckpt["semi_state"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    try:
+        scheduler.load_state_dict(scheduler_state(ckpt["scheduler"], scheduler))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: damaged scheduler state ({type(e).__name__}: {e})") from None
     # a scaler state exists only where fp16 ran; switching precision on resume starts a fresh scaler
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -571,7 +579,19 @@ def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, g
     best, history = ckpt["best_score"], ckpt["history"]
     # checkpoints older than "best_loss" hold it in their history: the first row with the best score
     best_loss = ckpt.get("best_loss", next((r["val_loss"] for r in history if r["val_score"] == best), math.inf))
-    return RunState(ckpt["epoch"] + 1, best, best_loss, history)
+    return RunState(ckpt["epoch"] + 1, best, best_loss, history, planned_epochs=ckpt.get("args", {}).get("epochs"))
+
+
+def scheduler_state(saved: dict, scheduler) -> dict:
+    """``saved`` (a checkpoint's scheduler state) made to fit ``scheduler``, built for this run's --epochs.
+
+    The cosine schedule's length is this run's (its state holds only the step reached); one-cycle's state
+    holds its length too. It is taken from ``scheduler``, so that resuming with more or fewer epochs
+    stretches the cycle as it does the cosine schedule, instead of failing at the old cycle's end.
+    """
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return {**saved, "total_steps": scheduler.total_steps, "_schedule_phases": scheduler._schedule_phases}
+    return saved
 
 
 def save(out: Path, ckpt: dict, improved: bool, progress: Progress, is_main: bool = True) -> None:

@@ -142,6 +142,26 @@ def test_resume_continues_at_the_next_epoch(processed, tmp_path, capsys):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3), (a, b)
 
 
+def test_resume_with_more_epochs_stretches_the_one_cycle_schedule(processed, tmp_path, capsys):
+    # one-cycle's state holds its length: resuming a 2-epoch cycle with --epochs 4 used to fail with
+    # "Tried to step 10 times" at the old cycle's end; now the rest of the run follows the 4-epoch cycle
+    base = ["--opt", "adamw", "--sched", "onecycle", "--lr", "3e-3"]
+    run_train(train_argv(processed, tmp_path / "run", *base, epochs=2))
+    capsys.readouterr()
+    resumed = run_train(train_argv(processed, tmp_path / "run", *base, "--resume", str(tmp_path / "run" / "last.pth"),
+                                   epochs=4))
+    assert "at epoch 3/4 (the onecycle learning-rate schedule now spans 4 epochs, not 2)" in capsys.readouterr().out
+    straight = run_train(train_argv(processed, tmp_path / "straight", *base, epochs=4))
+    lrs = [[h["lr"] for h in run["history"]] for run in (resumed, straight)]
+    assert lrs[0][2:] == pytest.approx(lrs[1][2:], rel=1e-9) and lrs[0][1] != pytest.approx(lrs[1][1])
+    assert lrs[0][-1] < 1e-7  # the cycle's end: lr / 25 / 1e4
+
+    argv = train_argv(processed, tmp_path / "run", *base, "--sched", "cosine", "--resume",
+                      str(tmp_path / "run" / "last.pth"), epochs=6)
+    with pytest.raises(InputError, match=r"trained with --sched onecycle, asked for --sched cosine"):
+        run_train(argv)
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(trained, processed, tmp_path):
     with pytest.raises(InputError, match=r"holds .*num_classes.: 1.*asked for .*num_classes.: 2"):
         run_train(train_argv(processed, tmp_path, "--loss", "ce", "--resume", str(trained["out"] / "last.pth")))
