@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,25 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_an_interrupted_cross_validation_resumes_to_the_folds_of_an_unbroken_one(pairs, broken, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """This process on one thread, as each fold of --fold-jobs 2 on one (a thread count is part of the float
+    summation order); make test's workers have one already, a plain pytest run has one per core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_an_interrupted_cross_validation_resumes_to_the_folds_of_an_unbroken_one(one_thread, pairs, broken, tmp_path,
+                                                                                 capsys):
+    """The broken run resumed twice: in this process, folds in turn, and a copy of it by train.py with
+    --fold-jobs 2. Both end as the unbroken run, bit for bit, so folds trained side by side, started or
+    resumed, train as folds in turn do."""
     unbroken = tmp_path / "unbroken"
     run_train(argv(pairs, unbroken, epochs=2))
+    copy = tmp_path / "copy"
+    shutil.copytree(broken, copy)
     finished = (broken / "fold0" / "last.pth").read_bytes()
     capsys.readouterr()
 
@@ -71,23 +88,24 @@ def test_an_interrupted_cross_validation_resumes_to_the_folds_of_an_unbroken_one
     assert f"resumed from {broken / 'fold1' / 'last.pth'} at epoch 2/2" in printed
     assert printed.count("resumed from") == 1, "fold 2 had nothing to resume: it trains from the start"
     assert (broken / "fold0" / "last.pth").read_bytes() == finished, "a finished fold is only scored"
-    for i in range(FOLDS):  # deterministic, one thread: bit for bit the unbroken run's folds
-        assert same_weights(broken / f"fold{i}" / "last.pth", unbroken / f"fold{i}" / "last.pth"), f"fold {i}"
     cv = json.loads((broken / "cv.json").read_text())
     assert cv == json.loads((unbroken / "cv.json").read_text()) and cv == {k: result[k] for k in cv}
 
-
-def test_folds_side_by_side_resume_what_folds_in_turn_left(pairs, broken, tmp_path):
-    unbroken = tmp_path / "unbroken"
-    run_train(argv(pairs, unbroken, epochs=2))
-    proc = start(argv(pairs, broken, "--resume", str(broken), "--fold-jobs", "2", epochs=2), tmp_path / "run",
-                 threads=1)
+    proc = start(argv(pairs, copy, "--resume", str(copy), "--fold-jobs", "2", epochs=2), tmp_path / "run", threads=1)
     assert finish(proc) == 0, (tmp_path / "run.err").read_text()[-2000:]
     printed = (tmp_path / "run.out").read_text().splitlines()
-    assert f"fold 1: resumed from {broken / 'fold1' / 'last.pth'} at epoch 2/2" in printed
-    for i in range(FOLDS):
-        assert same_weights(broken / f"fold{i}" / "last.pth", unbroken / f"fold{i}" / "last.pth"), f"fold {i}"
-    assert json.loads((broken / "cv.json").read_text()) == json.loads((unbroken / "cv.json").read_text())
+    assert "fold 0: started (1 CPU thread, 2 folds at a time)" in printed
+    assert f"fold 1: resumed from {copy / 'fold1' / 'last.pth'} at epoch 2/2" in printed
+    for i, epochs in enumerate((0, 1, 2)):  # each fold's lines whole and named
+        assert sum(line.startswith(f"fold {i}: train_loss:") for line in printed) == epochs, i
+    assert printed.index("fold 2: started (1 CPU thread, 2 folds at a time)") > min(
+        printed.index(f"fold {i}: done") for i in (0, 1)), "no more than 2 folds at a time"
+    assert not any("threads now" in line for line in printed), "one thread has no share to pass on"
+    assert json.loads((copy / "cv.json").read_text()) == cv
+
+    for i in range(FOLDS):  # deterministic, one thread: bit for bit the unbroken run's folds
+        for run in (broken, copy):
+            assert same_weights(run / f"fold{i}" / "last.pth", unbroken / f"fold{i}" / "last.pth"), (run, i)
 
 
 def test_resume_of_a_cross_validation_takes_its_folder_and_nothing_else(pairs, broken, tmp_path):

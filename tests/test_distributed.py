@@ -38,29 +38,27 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(processed, tmp_path):
+    """Two processes against one, and two processes with the data held on the device against two with the
+    DataLoader."""
     common = ("--no-augment", "--amp", "off", "--workers", "0", "--seed", "0")
     single = run(train_argv(processed, tmp_path / "one", *common, epochs=2, batch_size=4))
-    ddp = run(train_argv(processed, tmp_path / "two", *common, epochs=2, batch_size=2), nproc=2)
+    ddp = run(train_argv(processed, tmp_path / "two", *common, "--no-data-on-device", epochs=2, batch_size=2), nproc=2)
     other = run(train_argv(processed, tmp_path / "seed1", "--no-augment", "--amp", "off", "--workers", "0",
                            "--seed", "1", epochs=2, batch_size=4))
+    on_device = run(train_argv(processed, tmp_path / "two_on", *common, "--data-on-device", epochs=2, batch_size=2),
+                    nproc=2)
 
     # rank 0 alone logs and writes
     assert ddp.stdout.count("Epoch 2/2") == 1 and "2 processes, global batch 4" in ddp.stdout
     assert single.stdout.count("Epoch 2/2") == 1 and other.stdout.count("Epoch 2/2") == 1
-    one, two, control = (weights(tmp_path / d / "last.pth") for d in ("one", "two", "seed1"))
+    one, two, control, two_on = (weights(tmp_path / d / "last.pth") for d in ("one", "two", "seed1", "two_on"))
     assert distance(one, two) < RELATIVE_TOLERANCE
     assert distance(one, control) > 3 * distance(one, two)
     # validation figures are reduced over both ranks: the whole validation set is scored
-    h1, h2 = (load_checkpoint(tmp_path / d / "last.pth")["history"] for d in ("one", "two"))
+    h1, h2, h_on = (load_checkpoint(tmp_path / d / "last.pth")["history"] for d in ("one", "two", "two_on"))
     assert h2[-1]["val_loss"] == pytest.approx(h1[-1]["val_loss"], rel=0.2)
 
-
-def test_two_processes_with_the_data_on_the_device_train_as_with_the_dataloader(processed, tmp_path):
-    common = ("--no-augment", "--amp", "off", "--workers", "0", "--seed", "0")
-    runs = {flag: run(train_argv(processed, tmp_path / flag, *common, flag, epochs=1, batch_size=2), nproc=2)
-            for flag in ("--data-on-device", "--no-data-on-device")}
-    assert "data held on cpu" in runs["--data-on-device"].stdout
-    on, off = (weights(tmp_path / flag / "last.pth") for flag in runs)
-    assert distance(on, off) < 1e-5  # each rank got the same share of the same batches
-    h_on, h_off = (load_checkpoint(tmp_path / flag / "last.pth")["history"][-1] for flag in runs)
-    assert h_on["val_loss"] == pytest.approx(h_off["val_loss"], rel=1e-5)
+    # the data on the device: each rank gets the same share of the same batches as from the DataLoader
+    assert "data held on cpu" in on_device.stdout and "data held on cpu" not in ddp.stdout
+    assert distance(two_on, two) < 1e-5
+    assert h_on[-1]["val_loss"] == pytest.approx(h2[-1]["val_loss"], rel=1e-5)

@@ -49,30 +49,6 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
             proc.kill()
 
 
-def test_folds_trained_side_by_side_end_as_folds_trained_one_after_the_other(pairs, tmp_path):
-    """One thread for the whole run, so every fold has one either way (a thread count is part of the float
-    summation order)."""
-    one_by_one = start(argv(pairs, tmp_path / "seq"), tmp_path / "seq", threads=1)
-    assert finish(one_by_one) == 0, (tmp_path / "seq.err").read_text()[-2000:]
-    side_by_side = start(argv(pairs, tmp_path / "par", "--fold-jobs", "2"), tmp_path / "par", threads=1)
-    assert finish(side_by_side) == 0, (tmp_path / "par.err").read_text()[-2000:]
-
-    for i in range(FOLDS):  # deterministic and one thread each: the same weights, bit for bit
-        a, b = (torch.load(tmp_path / run / f"fold{i}" / "last.pth", weights_only=True) for run in ("seq", "par"))
-        assert a["args"]["fold"] == b["args"]["fold"] == i
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), f"fold {i} trained differently"
-    seq, par = (json.loads((tmp_path / run / "cv.json").read_text()) for run in ("seq", "par"))
-    assert par == seq
-    printed = (tmp_path / "par.out").read_text().splitlines()
-    assert "fold 0: started (1 CPU thread, 2 folds at a time)" in printed
-    for i in range(FOLDS):  # each fold's lines whole and named
-        assert f"fold {i}: Epoch 1/1" in printed and sum(line.startswith(f"fold {i}: train_loss:") for line in printed) == 1
-    assert printed.index("fold 2: started (1 CPU thread, 2 folds at a time)") > min(
-        printed.index(f"fold {i}: done") for i in (0, 1)), "no more than 2 folds at a time"
-    assert any(line.startswith("3-fold cross-validation") for line in printed)
-    assert not any("threads now" in line for line in printed), "one thread has no share to pass on"
-
-
 def _fold_that_reports_its_threads(args: argparse.Namespace) -> dict:
     """A stand-in for train.py's train(): fold 0 ends at once, fold 1 waits for fold 0's thread."""
     seen = [torch.get_num_threads()]
