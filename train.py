@@ -57,7 +57,7 @@ from engine.training import (LOCK_HOLDER, OUTPUTS, Hooks, Progress, RunState, be
 from models import MODEL_NAMES, build_model, load_pretrained, model_from_checkpoint, model_options  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.checkpoint import remove_stale_temp_files, safe_load  # noqa: E402
-from utils.cli import add_runtime_args  # noqa: E402
+from utils.cli import add_runtime_args, ctrl_c_held  # noqa: E402
 from utils.helpers import amp_dtype, precision_words, resolve_device, seed_everything  # noqa: E402
 from utils.losses import LOSSES, WEIGHTED  # noqa: E402
 
@@ -476,7 +476,8 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
                 run.best, run.best_loss = val["score"], val["loss"]
             ckpt = checkpoint(state, model, optimizer, scheduler, scaler, gen, epoch, val, run, semi)
             progress.at(epoch, "saving")
-            save(out, ckpt, improved, progress, ctx.is_main)
+            with ctrl_c_held():  # a Ctrl-C here lets the epoch's files be written; the run stops right after
+                save(out, ckpt, improved, progress, ctx.is_main)
             run.best_saved = run.best_saved or (improved and ctx.is_main)
             progress.at(epoch, "done")
     except KeyboardInterrupt:

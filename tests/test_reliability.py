@@ -354,6 +354,31 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_step(processed,
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # run_cli put it back
 
 
+def test_ctrl_c_while_an_epoch_is_saved_lets_its_files_be_written(processed, tmp_path, capsys, monkeypatch,
+                                                                  default_sigint):
+    """A real SIGINT while epoch 1's best_model.pth is being written: the save finishes, then the run stops.
+    Before, the write was cut short and the message said that nothing was saved, beside a best_model.pth."""
+    import engine.training
+    writes = []
+
+    def save_interrupted(ckpt, path):
+        writes.append(Path(path).name)
+        if len(writes) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        save_checkpoint(ckpt, path)
+
+    monkeypatch.setattr(engine.training, "save_checkpoint", save_interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, train.get_args_parser(), train_argv(processed, tmp_path, "--no-augment", epochs=3))
+    assert exit_info.value.code == 130
+    assert writes == ["best_model.pth", "last.pth"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted at epoch 1/3 (saving); {tmp_path / 'last.pth'} holds epoch 1: resume with "
+                   f"--resume {tmp_path / 'last.pth'}"], err
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == load_checkpoint(tmp_path / "best_model.pth")["epoch"] == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # run_cli put it back
+
+
 # ----------------------------------------------------------------------------- NaN / inf
 class _Poison:
     """A criterion wrapper whose training loss becomes ``value`` from training step ``at`` on."""

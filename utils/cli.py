@@ -6,6 +6,8 @@ one ``error: ...`` line; 130 interrupted (Ctrl-C). Anything else is a bug and ke
 A Ctrl-C is also remembered: Python swallows the KeyboardInterrupt when the signal lands in a finalizer or a
 weakref callback (torch._dynamo runs some during the first optimizer step), and the loops of train.py,
 pretrain.py and infer.py call ``raise_if_interrupted`` at each step, so such a run still stops at the next one.
+Within ``ctrl_c_held`` (train.py writing an epoch's checkpoints) a Ctrl-C is only remembered, and stops the run
+once the block has finished.
 """
 from __future__ import annotations
 
@@ -90,6 +92,25 @@ def remembered_ctrl_c():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.unraisablehook = previous_hook
         _ctrl_c.clear()
+
+
+def _remember_only(signum, frame) -> None:
+    _ctrl_c.set()
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Within the block a Ctrl-C is only remembered: the block (writing an epoch's checkpoints) finishes, and
+    the next ``raise_if_interrupted`` stops the run. Where ``remembered_ctrl_c`` does not handle Ctrl-C
+    (off the main thread, SIGINT ignored or handled by someone else) nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _on_sigint:
+        yield
+        return
+    signal.signal(signal.SIGINT, _remember_only)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, _on_sigint)
 
 
 def raise_if_interrupted() -> None:
