@@ -437,10 +437,8 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
     if args.resume:
         run = resume(args.resume, state, model, optimizer, scheduler, scaler, gen, semi)
         if run.start_epoch < args.epochs:
-            longer = args.sched != "none" and run.planned_epochs not in (None, args.epochs)
-            stretched = (f" (the {args.sched} learning-rate schedule now spans {args.epochs} epochs, not "
-                         f"{run.planned_epochs})" if longer else "")
-            log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}{stretched}", flush=True)
+            changes = f" ({'; '.join(run.changes)})" if run.changes else ""
+            log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}{changes}", flush=True)
         else:  # e.g. a finished fold of a resumed cross-validation, which is only scored
             log(f"{args.resume} holds all {args.epochs} epoch{'s' * (args.epochs != 1)}: nothing left to train")
 

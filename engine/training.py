@@ -504,10 +504,11 @@ def resume_mismatch(ckpt: dict, state: dict) -> str | None:
             + (f", teacher {r['teacher']['path']} sha256 {r['teacher']['sha256']}" if r.get("teacher") else "") + ")")
         return (f"was trained {said(ckpt.get('semi'))}; asked for {said(state.get('semi'))} (pass the checkpoint's "
                 f"--unlabeled/--semi/--unlabeled-weight/--ema-decay/--confidence/--teacher)")
-    sched = ckpt.get("args", {}).get("sched", state["args"]["sched"])
-    if sched != state["args"]["sched"]:
-        return (f"was trained with --sched {sched}, asked for --sched {state['args']['sched']} (pass the "
-                f"checkpoint's --sched)")
+    for flag in ("opt", "sched"):  # the optimizer's and the schedule's states fit their own kind only
+        held = ckpt.get("args", {}).get(flag, state["args"].get(flag))
+        if held != state["args"].get(flag):
+            return (f"was trained with --{flag} {held}, asked for --{flag} {state['args'][flag]} (pass the "
+                    f"checkpoint's --{flag})")
     if ckpt.get("other_labels", state.get("other_labels")) != state.get("other_labels"):
         return (f"made other lesion labels {ckpt.get('other_labels')!r}, asked for {state.get('other_labels')!r} "
                 f"(pass the checkpoint's --other-labels)")
@@ -539,7 +540,7 @@ class RunState:
     best_loss: float = math.inf
     history: list[dict] = field(default_factory=list)
     best_saved: bool = False
-    planned_epochs: int | None = None  # a resumed run's: the --epochs its checkpoint was trained for
+    changes: list[str] = field(default_factory=list)  # a resumed run's settings that differ from its checkpoint's
 
 
 def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, gen: torch.Generator,
@@ -568,6 +569,7 @@ def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, g
         scheduler.load_state_dict(scheduler_state(ckpt["scheduler"], scheduler))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: damaged scheduler state ({type(e).__name__}: {e})") from None
+    changes = retune(optimizer, scheduler, ckpt.get("args", {}), state["args"])
     # a scaler state exists only where fp16 ran; switching precision on resume starts a fresh scaler
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -579,7 +581,36 @@ def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, g
     best, history = ckpt["best_score"], ckpt["history"]
     # checkpoints older than "best_loss" hold it in their history: the first row with the best score
     best_loss = ckpt.get("best_loss", next((r["val_loss"] for r in history if r["val_score"] == best), math.inf))
-    return RunState(ckpt["epoch"] + 1, best, best_loss, history, planned_epochs=ckpt.get("args", {}).get("epochs"))
+    return RunState(ckpt["epoch"] + 1, best, best_loss, history, changes=changes)
+
+
+def retune(optimizer, scheduler, held: dict, asked: dict) -> list[str]:
+    """Give a resumed run this run's --lr, --weight-decay and --epochs where the checkpoint's run (``held``,
+    its args) had others, and say what changed, for the resume line.
+
+    The optimizer's state holds the old learning rate and weight decay, and would keep them: a run that
+    diverged and is resumed with a lower --lr, as its message advises, would diverge again. --lr is the
+    schedule's peak: every rate of the schedule is scaled by the new peak over the old, from the step reached
+    on. A new --epochs stretches the schedule (see ``scheduler_state``).
+    """
+    changes = []
+    lr, old_lr = asked.get("lr"), held.get("lr")
+    if lr is not None and old_lr and lr != old_lr:
+        for group in optimizer.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # one-cycle's keys beside the rate itself
+                if key in group:
+                    group[key] *= lr / old_lr
+        scheduler.base_lrs = [rate * lr / old_lr for rate in scheduler.base_lrs]
+        changes.append(f"--lr {lr:g}, not {old_lr:g}")
+    decay, old_decay = asked.get("weight_decay"), held.get("weight_decay")
+    if decay is not None and old_decay is not None and decay != old_decay:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = decay
+        changes.append(f"--weight-decay {decay:g}, not {old_decay:g}")
+    epochs, old_epochs = asked.get("epochs"), held.get("epochs")
+    if asked.get("sched", "none") != "none" and old_epochs is not None and epochs != old_epochs:
+        changes.append(f"the {asked['sched']} learning-rate schedule now spans {epochs} epochs, not {old_epochs}")
+    return changes
 
 
 def scheduler_state(saved: dict, scheduler) -> dict:

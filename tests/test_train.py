@@ -142,24 +142,29 @@ def test_resume_continues_at_the_next_epoch(processed, tmp_path, capsys):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3), (a, b)
 
 
-def test_resume_with_more_epochs_stretches_the_one_cycle_schedule(processed, tmp_path, capsys):
-    # one-cycle's state holds its length: resuming a 2-epoch cycle with --epochs 4 used to fail with
-    # "Tried to step 10 times" at the old cycle's end; now the rest of the run follows the 4-epoch cycle
-    base = ["--opt", "adamw", "--sched", "onecycle", "--lr", "3e-3"]
-    run_train(train_argv(processed, tmp_path / "run", *base, epochs=2))
+def test_resume_with_more_epochs_and_a_lower_lr_follows_the_new_one_cycle(processed, tmp_path, capsys):
+    # one-cycle's state holds its length, and the optimizer's its rates: resuming a 2-epoch cycle with
+    # --epochs 4 used to fail with "Tried to step 10 times" at the old cycle's end, and a lower --lr (what a
+    # diverged run's message advises) was silently dropped for the checkpoint's
+    base = ["--opt", "adamw", "--sched", "onecycle"]
+    run_train(train_argv(processed, tmp_path / "run", *base, "--lr", "3e-3", epochs=2))
     capsys.readouterr()
-    resumed = run_train(train_argv(processed, tmp_path / "run", *base, "--resume", str(tmp_path / "run" / "last.pth"),
-                                   epochs=4))
-    assert "at epoch 3/4 (the onecycle learning-rate schedule now spans 4 epochs, not 2)" in capsys.readouterr().out
-    straight = run_train(train_argv(processed, tmp_path / "straight", *base, epochs=4))
+    resumed = run_train(train_argv(processed, tmp_path / "run", *base, "--lr", "1e-3", "--weight-decay", "1e-4",
+                                   "--resume", str(tmp_path / "run" / "last.pth"), epochs=4))
+    assert ("at epoch 3/4 (--lr 0.001, not 0.003; --weight-decay 0.0001, not 0; the onecycle learning-rate schedule "
+            "now spans 4 epochs, not 2)") in capsys.readouterr().out
+    straight = run_train(train_argv(processed, tmp_path / "straight", *base, "--lr", "1e-3", epochs=4))
     lrs = [[h["lr"] for h in run["history"]] for run in (resumed, straight)]
-    assert lrs[0][2:] == pytest.approx(lrs[1][2:], rel=1e-9) and lrs[0][1] != pytest.approx(lrs[1][1])
+    assert lrs[0][2:] == pytest.approx(lrs[1][2:], rel=1e-6) and lrs[0][1] != pytest.approx(lrs[1][1])
     assert lrs[0][-1] < 1e-7  # the cycle's end: lr / 25 / 1e4
+    groups = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-4] * len(groups)
 
-    argv = train_argv(processed, tmp_path / "run", *base, "--sched", "cosine", "--resume",
-                      str(tmp_path / "run" / "last.pth"), epochs=6)
-    with pytest.raises(InputError, match=r"trained with --sched onecycle, asked for --sched cosine"):
-        run_train(argv)
+    for flag, other in (("--sched", "cosine"), ("--opt", "adam")):  # their states fit their own kind only
+        argv = train_argv(processed, tmp_path / "run", *base, flag, other, "--resume",
+                          str(tmp_path / "run" / "last.pth"), epochs=6)
+        with pytest.raises(InputError, match=rf"trained with {flag} \S+, asked for {flag} {other}"):
+            run_train(argv)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(trained, processed, tmp_path):
