@@ -439,8 +439,11 @@ def train(args: argparse.Namespace, hold: contextlib.ExitStack | None = None, ho
         if run.start_epoch < args.epochs:
             changes = f" ({'; '.join(run.changes)})" if run.changes else ""
             log(f"resumed from {args.resume} at epoch {run.start_epoch + 1}/{args.epochs}{changes}", flush=True)
-        else:  # e.g. a finished fold of a resumed cross-validation, which is only scored
+        elif run.start_epoch == args.epochs:  # e.g. a finished fold of a resumed cross-validation, only scored
             log(f"{args.resume} holds all {args.epochs} epoch{'s' * (args.epochs != 1)}: nothing left to train")
+        else:
+            log(f"{args.resume} holds {run.start_epoch} epochs, more than --epochs {args.epochs}: nothing left to "
+                "train")
 
     # DDP broadcasts rank 0's weights and averages gradients; `model` stays the unwrapped module that is saved
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model

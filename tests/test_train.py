@@ -159,6 +159,10 @@ def test_resume_with_more_epochs_and_a_lower_lr_follows_the_new_one_cycle(proces
     assert lrs[0][-1] < 1e-7  # the cycle's end: lr / 25 / 1e4
     groups = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [1e-4] * len(groups)
+    run_train(train_argv(processed, tmp_path / "run", *base, "--lr", "1e-3", "--weight-decay", "1e-4", "--resume",
+                         str(tmp_path / "run" / "last.pth"), epochs=2))
+    assert f"{tmp_path / 'run' / 'last.pth'} holds 4 epochs, more than --epochs 2: nothing left to train" in \
+        capsys.readouterr().out
 
     for flag, other in (("--sched", "cosine"), ("--opt", "adam")):  # their states fit their own kind only
         argv = train_argv(processed, tmp_path / "run", *base, flag, other, "--resume",
