@@ -585,8 +585,8 @@ def resume(path: str | Path, state: dict, model, optimizer, scheduler, scaler, g
 
 
 def retune(optimizer, scheduler, held: dict, asked: dict) -> list[str]:
-    """Give a resumed run this run's --lr, --weight-decay and --epochs where the checkpoint's run (``held``,
-    its args) had others, and say what changed, for the resume line.
+    """Give a resumed run this run's --lr and --weight-decay where the checkpoint's run (``held``, its args)
+    had others, and say what changed, a new --epochs too, for the resume line.
 
     The optimizer's state holds the old learning rate and weight decay, and would keep them: a run that
     diverged and is resumed with a lower --lr, as its message advises, would diverge again. --lr is the
