@@ -59,6 +59,14 @@ def test_recipe_leaves_five_fold_models_that_infer_averages(processed, tmp_path)
                 assert img.size == (50 + 10 * j, 70) and img.mode == "L"
         assert set(np.unique(np.asarray(Image.open(tmp_path / "pred" / f"{j + 17}.png")))) <= {0, 255}
 
+    # a rerun with fewer folds into the same OUT_DIR leaves only its own fold models for OUT_DIR/*.pth
+    proc = run_recipe(str(data), str(out), "--size", str(SIZE), "--width", "4", "--device", "cpu", "--folds", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.pth")) == ["fold0.pth", "fold1.pth"]
+    assert (out / "models.txt").read_text().split() == ["fold0.pth", "fold1.pth"]
+    for i in range(2):  # this run's models
+        assert (out / f"fold{i}.pth").read_bytes() == (out / "cv" / f"fold{i}" / "last.pth").read_bytes()
+
 
 def test_recipe_without_arguments_prints_its_usage():
     proc = run_recipe()

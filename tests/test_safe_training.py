@@ -26,8 +26,8 @@ import train
 from data.dataset import PairAugment
 from data.transforms import InputError
 from engine.training import Hooks, is_better
-from tests.script_fixtures import REPO, SIZE, export_pairs, processed, run_script, run_train, train_argv  # noqa: F401
-from tests.test_recipe import SEMISEG, run_recipe
+from tests.script_fixtures import REPO, SIZE, processed, run_script, run_train, train_argv  # noqa: F401
+from tests.test_recipe import run_recipe
 from tests.test_reliability import sigint_default
 from utils import checkpoint
 from base import exclusive_lock
@@ -260,19 +260,6 @@ def test_workers_draw_a_new_augmentation_stream_each_epoch_that_resume_reproduce
 
 
 # ----------------------------------------------------------------------------- 9: the recipe's fold models
-def test_recipe_rerun_with_fewer_folds_leaves_only_its_own_fold_models(processed, tmp_path):
-    data = tmp_path / "covid-semiseg"
-    export_pairs(processed, None, data, f"{SEMISEG}/Imgs", f"{SEMISEG}/GT", n=8)
-    out = tmp_path / "model"
-    for folds in ("3", "2"):
-        proc = run_recipe(str(data), str(out), "--size", "32", "--width", "4", "--device", "cpu", "--folds", folds)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.glob("*.pth")) == ["fold0.pth", "fold1.pth"]
-    assert (out / "models.txt").read_text().split() == ["fold0.pth", "fold1.pth"]
-    for i in range(2):  # this run's models
-        assert (out / f"fold{i}.pth").read_bytes() == (out / "cv" / f"fold{i}" / "last.pth").read_bytes()
-
-
 def test_recipe_refuses_an_out_dir_holding_models_it_did_not_write(tmp_path):
     out = tmp_path / "model"
     out.mkdir()

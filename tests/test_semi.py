@@ -477,7 +477,8 @@ def test_the_recipe_script_pretrains_once_and_starts_every_fold_from_it(semi_dat
         assert ckpt["args"]["unlabeled"] is None and "student" not in ckpt, "no in-training method on top"
 
     before = {p: p.read_bytes() for p in (encoder, out / "fold0.pth")}
-    proc = _recipe(semi_data, out, "--width", "4")  # a rerun: the finished pretraining is kept
+    # a rerun (continued, so its finished folds are only scored): the finished pretraining is kept
+    proc = _recipe(semi_data, out, "--width", "4", "--resume", str(out / "cv"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"reusing {encoder}: 1 epochs of pretraining" in proc.stdout and "by restoration" not in proc.stdout
     assert encoder.read_bytes() == before[encoder]
