@@ -8,12 +8,16 @@
                                                                #    named after the folder, in its geometry
     python infer.py --input dicom_folder/ --output results/ --dicom-seg   # also results/<case>_seg.dcm: a DICOM
                                                                #    SEG over the series (3D Slicer, OHIF)
+    python infer.py --input scan.nii.gz --output results/ --save-probs probs/   # also probs/<case>_lesion.nii.gz:
+                                                               #    the lesion probability (0..1, 8-bit), to average
+                                                               #    or re-threshold (slices: probs/<name>.png, 0-255)
 
 Masks are white (255) where the model sees infection, at the input's own size. A lesion-types checkpoint
 (train.py --task lesion-types or lung+lesion-types) tells ground-glass opacity from consolidation: a slice's
 mask is a label PNG (palette, as COVID-SemiSeg's multi-class masks: 0 background, 1 ground-glass opacity,
 2 consolidation), overlays colour the types differently, --save-probs writes one map per type
-(PROB/ggo/<name>.png, PROB/consolidation/<name>.png), a volume's <case>_lesion.nii.gz holds labels 1/2 and
+(PROB/ggo/<name>.png, PROB/consolidation/<name>.png; for a volume PROB/ggo/<case>_lesion.nii.gz, ...), a
+volume's <case>_lesion.nii.gz holds labels 1/2 and
 its report each type's mL and % of each lung (ggo_ml, ggo_percent_left, ...). A pixel is lesion where the
 union's probability (1 - background) is above --threshold, as for a binary model, so the union of the types
 is the lesion mask a binary reading gives; a lesion pixel is the type of higher probability.
@@ -71,7 +75,8 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
 
     Args:
         checkpoint: one checkpoint path or a list of them (their probabilities are averaged).
-        save_probs: for 2D images, also write 8-bit probability maps (0-255) named like the masks here.
+        save_probs: a folder for the probability maps too, named like the masks: 8-bit PNGs (0-255) for 2D
+            images, NIfTI for volumes (<case>_lesion.nii.gz, 0-255 scaled to 0..1 by the header's slope).
         tta: flip test-time augmentation; None: as the checkpoint's training run asked (train.py --tta).
         overwrite: replace existing files infer.py did not write, and redo cases already done.
         series: the SeriesInstanceUID to read from a DICOM input holding several series.
@@ -108,7 +113,7 @@ def infer(checkpoint, input: str | Path, output: str | Path | None = None, thres
     if volumes:
         batch = src.is_dir() and volumes != [src]  # a DICOM folder is one scan
         return infer_volumes(predictor, volumes, out, threshold, checkpoint, progress, overwrite, batch, series, lungs,
-                             dicom_seg, lesion)
+                             dicom_seg, lesion, save_probs)
     note = image_files_note(predictor.prep)
     if note:
         print(note)
@@ -140,8 +145,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="lesion-types checkpoint: label masks of the types (types: 0 background, 1 ground-glass "
                         "opacity, 2 consolidation) or the union of the types as binary masks (any)")
     p.add_argument("--save-probs", default=None, metavar="DIR",
-                   help="slices: also write 8-bit probability maps (0-255) named like the masks to DIR; with a "
-                        "lesion-types checkpoint one per type, DIR/ggo/<name>.png and DIR/consolidation/<name>.png")
+                   help="also write the probability maps, named like the masks, to DIR (not --output's folder): "
+                        "8-bit PNGs (0-255) for slices, DIR/<case>_lesion.nii.gz for volumes (8-bit, shown as 0..1); "
+                        "with a lesion-types checkpoint one per type, DIR/ggo/<name> and DIR/consolidation/<name>")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation, 4 passes (default: as the checkpoint was trained to use)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -178,14 +178,17 @@ def from_axial_slices(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(ras, back))
 
 
-def nifti_gz_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+def nifti_gz_bytes(data: np.ndarray, affine: np.ndarray, slope: float | None = None) -> bytes:
     """Serialise a volume to .nii.gz bytes with a fixed gzip header (mtime 0, no name): same data, same bytes.
 
     The affine goes into both qform and sform (code 1, scanner coordinates), so every viewer places the
-    volume the same way; units are millimetres.
+    volume the same way; units are millimetres. ``slope``: the header's scl_slope, the value of one unit of
+    the stored integers (viewers and nibabel's get_fdata show data * slope).
     """
     img = nib.Nifti1Image(data, affine)
     img.header.set_data_dtype(data.dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

@@ -24,7 +24,7 @@ from data.labels import TASK_OUTPUTS, structure_slug, task_masks
 from data.readers import read_case
 from data.transforms import IMAGE_SUFFIXES, InputError, case_name, nifti_gz_bytes, resize_masks
 from engine.dicom_seg import check_dicom_input, check_source, mask_labels, write_dicom_seg
-from engine.predict import Predictor, lesion_types, main_structure, type_prediction
+from engine.predict import Predictor, lesion_types, main_structure, type_prediction, volume_masks
 from engine.report_html import MASK_COLOURS, OTHER_COLOUR, write_index_html, write_report_html
 from utils.cli import raise_if_interrupted
 from utils.helpers import mask_to_png, overlay, write_csv
@@ -261,9 +261,24 @@ def _save_volume_mask(volume, mask: np.ndarray, path: Path) -> None:
     save_nifti_mask(volume.to_file_order(mask), volume.img, path)
 
 
+def _save_volume_probs(volume, prob: torch.Tensor, path: Path) -> None:
+    """A display-orientation probability map saved as the masks are, in 8 bits as the slices' maps: stored
+    0..255 with the header's scl_slope 1/255, so viewers (and nibabel's get_fdata) show it as 0..1."""
+    data = np.round(volume.to_file_order(prob.numpy()) * 255).astype(np.uint8)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(nifti_gz_bytes(data, volume.img.affine, slope=1 / 255))
+
+
+def probs_apart(save_probs: str | Path | None, folder: Path) -> None:
+    """Refuse --save-probs in the masks' own folder: the maps are named like the masks (:func:`prob_paths`)."""
+    if save_probs and Path(save_probs).resolve() == Path(folder).resolve():
+        raise InputError(f"--save-probs {save_probs}: the probability maps are named like the masks, so they need a "
+                         f"folder other than the masks' ({folder}); choose another --save-probs")
+
+
 def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, threshold: float, checkpoint,
                      series: str | None = None, lungs: str = "auto", dicom_seg: bool = False,
-                     lesion: str = "types") -> dict:
+                     lesion: str = "types", save_probs: str | Path | None = None) -> dict:
     """Predict one volume and write its masks, report and montage into ``out``; returns the report.
 
     The lung mask is the model's or, per :func:`lung_source`, extracted from HU (utils.lungs, the predicted
@@ -272,6 +287,8 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
     A types checkpoint (``lesion`` "types", see :func:`output_types`) writes <case>_lesion.nii.gz as a
     label map of the lesion types (1 ground-glass opacity, 2 consolidation), one DICOM SEG segment each, and
     the report adds each type's mL and % of each lung (utils.volumes.type_report: ggo_ml, ggo_percent_left...).
+    ``save_probs``: also the probability maps the masks were thresholded from, named like the lesion mask in
+    that folder (:func:`prob_paths`, :func:`_save_volume_probs`), one per type for a types checkpoint.
     """
     types = output_types(predictor.task, lesion)
     if dicom_seg:
@@ -279,13 +296,18 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
     volume = read_case(vol, prep=predictor.prep, series=series)
     if dicom_seg:
         check_source(volume)
-    volume, images, masks = predictor.predict_volume(volume, threshold, types=bool(types))
+    volume, images, probs = predictor.volume_probs(volume)
+    masks = volume_masks(probs, predictor.task, threshold, types=bool(types))
+    main = main_structure(predictor.task)
+    maps = dict(zip(prob_paths(save_probs, f"{case}_{main}.nii.gz", types), [probs[t] for t in types] or [probs[main]]))
     # the masks of the mask kinds only: a types checkpoint asked for the union has per-type masks too
     masks = {name: masks[name] for name in task_masks(predictor.task)}
     source = lung_source(predictor.task, lungs)
     if source == "hu":
         masks["lung"] = extract_lungs(volume.image, lesion=masks.get("lesion"))
     out.mkdir(parents=True, exist_ok=True)
+    for folder in {p.parent for p in maps}:
+        folder.mkdir(parents=True, exist_ok=True)
     seg = {}
     if dicom_seg:  # before the masks: a SEG that cannot be written leaves no half-written case
         paths = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
@@ -294,9 +316,10 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
     # the masks are compressed on threads (zlib releases the GIL: 1-2 s each at 512x512x300) while the report
     # is computed; each file is written atomically, all of them before the report json, as before
     checkpoints = [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else str(checkpoint)
-    with ThreadPoolExecutor(max_workers=len(masks)) as pool:
+    with ThreadPoolExecutor(max_workers=len(masks) + len(maps)) as pool:
         writes = [pool.submit(_save_volume_mask, volume, mask, out / f"{case}_{name}.nii.gz")
                   for name, mask in masks.items()]
+        writes += [pool.submit(_save_volume_probs, volume, prob, path) for path, prob in maps.items()]
         report = {"case": case, "file": str(vol), "threshold": threshold, "checkpoint": checkpoints,
                   "shape": list(volume.file_shape), "spacing_mm": volume.spacing,
                   "lung_source": source, **seg, **({"lesion_labels": types} if types else {}),
@@ -324,7 +347,7 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
 def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshold: float,
                   checkpoint: str | Path, progress: bool = True, overwrite: bool = False,
                   batch: bool | None = None, series: str | None = None, lungs: str = "auto",
-                  dicom_seg: bool = False, lesion: str = "types") -> list[Path]:
+                  dicom_seg: bool = False, lesion: str = "types", save_probs: str | Path | None = None) -> list[Path]:
     """Masks, a report and a montage per volume; for a batch also OUT/report.csv.
 
     Writes OUT/<case>_lesion.nii.gz and/or OUT/<case>_lung.nii.gz (uint8, the scan's own shape, affine and
@@ -335,7 +358,8 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
     written for every volume, from HU where the checkpoint has no lung head. ``dicom_seg``: also
     OUT/<case>_seg.dcm for DICOM input (see :func:`infer_one_volume`; a NIfTI volume fails as a bad input
     does). ``lesion``: what a types checkpoint writes (see :func:`output_types`, :func:`infer_one_volume`).
-    Returns the mask paths of the done cases.
+    ``save_probs``: a folder for the probability maps too (SAVE_PROBS/<case>_lesion.nii.gz, see
+    :func:`infer_one_volume`). Returns the mask paths of the done cases.
     """
     batch = len(volumes) > 1 if batch is None else batch
     cases = [v.name if v.is_dir() else case_name(v) for v in volumes]  # a DICOM folder: the folder's name
@@ -344,12 +368,15 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
         raise InputError(f"{volumes[0].parent}: several volumes share the case name {clash[0]!r}; rename or move one")
     names = tuple(dict.fromkeys(task_masks(predictor.task) + ("lung",)))  # lungs from HU without a lung head
     lung_source(predictor.task, lungs)  # a bad --lungs fails before anything is written
-    output_types(predictor.task, lesion)  # and a bad --lesion
+    types = output_types(predictor.task, lesion)  # and a bad --lesion
+    probs_apart(save_probs, out)
+    main = main_structure(predictor.task)
     outputs = {c: [out / f"{c}_{n}.nii.gz" for n in names] + [out / f"{c}_report.json", out / f"{c}_montage.png",
                                                              out / f"{c}_report.html"]
-               + ([out / f"{c}_seg.dcm"] if dicom_seg else []) for c in cases}
+               + ([out / f"{c}_seg.dcm"] if dicom_seg else []) + prob_paths(save_probs, f"{c}_{main}.nii.gz", types)
+               for c in cases}
     # the key only when asked: runs without --dicom-seg keep their settings, and so their done cases
-    settings = {**run_settings(checkpoint, predictor, threshold, lesion=lesion), "lungs": lungs,
+    settings = {**run_settings(checkpoint, predictor, threshold, save_probs, lesion), "lungs": lungs,
                 **({"dicom_seg": True} if dicom_seg else {})}
     folder = OutputFolder(out, settings, overwrite, table=batch)
     todo = [(c, v) for c, v in zip(cases, volumes) if not folder.done(v.name, v)]
@@ -368,7 +395,7 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
                 raise_if_interrupted()
                 try:
                     report = infer_one_volume(predictor, vol, case, out, threshold, checkpoint, series, lungs,
-                                              dicom_seg, lesion)
+                                              dicom_seg, lesion, save_probs)
                 except InputError as e:
                     if not batch:
                         raise
@@ -379,7 +406,8 @@ def infer_volumes(predictor: Predictor, volumes: list[Path], out: Path, threshol
                                                                     if k not in ("case", "file")})
             written = [p for c, v in zip(cases, volumes) if folder.done(v.name, v) for p in outputs[c][:len(names)]]
             print(f"{len(written) // len(names)} of {len(volumes)} volume(s) done: masks, reports and montages in "
-                  f"{out}/" + (" (summary: report.csv, index.html)" if batch else ""))
+                  f"{out}/" + (" (summary: report.csv, index.html)" if batch else "")
+                  + (f", probability maps in {save_probs}/" if save_probs else ""))
             if batch:
                 _write_index(folder, keys)
             _finish(folder, keys, failed, "volumes")
@@ -463,6 +491,7 @@ def infer_image_folder(predictor: Predictor, paths: list[Path], out: Path, thres
     Returns the mask paths of all done images.
     """
     types = output_types(predictor.task, lesion)
+    probs_apart(save_probs, out)
     outputs = {p.name: [out / f"{p.stem}.png", out / "overlays" / f"{p.stem}.png"]
                + prob_paths(save_probs, f"{p.stem}.png", types) for p in paths}
     folder = OutputFolder(out, run_settings(checkpoint, predictor, threshold, save_probs, lesion), overwrite,
@@ -515,6 +544,7 @@ def infer_image(predictor: Predictor, src: Path, output: str | Path | None, thre
     if target.is_dir() or not target.suffix:
         target = target / f"{src.stem}.png"
     overlay_path = target.with_name(target.stem + "_overlay.png")
+    probs_apart(save_probs, target.parent)
     probs_to = prob_paths(save_probs, target.name, types)
     for path in (target, overlay_path, *probs_to):
         check_disjoint(path, [src], "--output")

@@ -183,12 +183,18 @@ class Predictor:
         return vol, images.numpy(), probs
 
     def predict_volume(self, volume: str | Path | Volume, threshold: float = 0.5, types: bool = False):
-        """:meth:`volume_probs` thresholded: {name: uint8 mask (Z, H, W)} in place of the maps. With ``types``
-        (a types task), "lesion" is the label map of the lesion types (:func:`type_prediction`) and the
-        types' own maps are not returned."""
+        """:meth:`volume_probs` thresholded by :func:`volume_masks`: masks in place of the maps."""
         vol, images, probs = self.volume_probs(volume)
-        kinds = task_masks(self.task) if types else probs
-        masks = {name: (probs[name] > threshold).numpy().astype(np.uint8) for name in kinds}
-        if types:
-            masks["lesion"] = type_prediction(probs, self.task, threshold).numpy().astype(np.uint8)
-        return vol, images, masks
+        return vol, images, volume_masks(probs, self.task, threshold, types)
+
+
+def volume_masks(probs: dict[str, torch.Tensor], task: str, threshold: float = 0.5,
+                 types: bool = False) -> dict[str, np.ndarray]:
+    """A volume's probability maps thresholded: {name: uint8 mask (Z, H, W)}. With ``types`` (a types task),
+    "lesion" is the label map of the lesion types (:func:`type_prediction`) and the types' own maps are not
+    returned."""
+    kinds = task_masks(task) if types else probs
+    masks = {name: (probs[name] > threshold).numpy().astype(np.uint8) for name in kinds}
+    if types:
+        masks["lesion"] = type_prediction(probs, task, threshold).numpy().astype(np.uint8)
+    return masks

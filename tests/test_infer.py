@@ -206,6 +206,52 @@ def test_nifti_masks_follow_the_voxel_order_of_the_file(checkpoint, phantoms, pr
     np.testing.assert_array_equal(masks["flipped"], masks["plain"][:, ::-1, :])
 
 
+def test_save_probs_writes_a_volumes_probability_map_in_its_voxel_order(checkpoint, phantoms, tmp_path):
+    """--save-probs on a volume: PROB/<case>_lesion.nii.gz, the probabilities the mask was thresholded from,
+    8-bit, in the file's own (here transposed) voxel order and affine; never in the masks' own folder."""
+    ref = nib.load(phantoms / "images" / "phantom_000.nii.gz")
+    perm = (2, 0, 1)  # voxel axes stored as (z, x, y)
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj).transpose(perm), ref.affine[:, [*perm, 3]]), tmp_path / "s.nii.gz")
+    with pytest.raises(InputError, match="--save-probs"):  # named like the masks: it would overwrite them
+        run_infer(checkpoint, tmp_path / "s.nii.gz", tmp_path / "out", save_probs=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "prob").mkdir()
+    (tmp_path / "prob" / "s_lesion.nii.gz").write_bytes(b"not ours")
+    with pytest.raises(InputError, match="did not write it"):
+        run_infer(checkpoint, tmp_path / "s.nii.gz", tmp_path / "out", save_probs=tmp_path / "prob")
+    (tmp_path / "prob" / "s_lesion.nii.gz").unlink()
+
+    predictor = Predictor(checkpoint, "cpu", "off")
+    volume, _, probs = predictor.volume_probs(tmp_path / "s.nii.gz")
+    threshold = float(probs["lesion"].median())  # about half lesion, whatever was learned
+    run_infer(checkpoint, tmp_path / "s.nii.gz", tmp_path / "out", amp="off", threshold=threshold,
+              save_probs=tmp_path / "prob")
+    img, mask = nib.load(tmp_path / "prob" / "s_lesion.nii.gz"), nib.load(tmp_path / "out" / "s_lesion.nii.gz")
+    assert img.shape == mask.shape and np.allclose(img.affine, mask.affine)
+    assert img.get_data_dtype() == np.uint8  # 8 bits, shown as 0..1 by the header's slope
+    prob = img.get_fdata()
+    assert prob.min() >= 0 and prob.max() <= 1 + 1e-6
+    np.testing.assert_allclose(prob, volume.to_file_order(probs["lesion"].numpy()), atol=0.5 / 255 + 1e-6)
+    clear = np.abs(prob - threshold) > 1 / 255  # the mask is these maps thresholded, up to the 8-bit rounding
+    mask = np.asarray(mask.dataobj)
+    assert 0 < mask.sum() < mask.size and clear.mean() > 0.9
+    np.testing.assert_array_equal(mask[clear], (prob > threshold)[clear])
+    manifest = json.loads((tmp_path / "out" / "infer_manifest.json").read_text())
+    assert str(tmp_path / "prob" / "s_lesion.nii.gz") in manifest["cases"]["s.nii.gz"]["outputs"]
+    before = (tmp_path / "prob" / "s_lesion.nii.gz").stat().st_mtime_ns
+    assert "skipping 1 volume" in printed(checkpoint, tmp_path / "s.nii.gz", tmp_path / "out", amp="off",
+                                          threshold=threshold, save_probs=tmp_path / "prob")
+    assert (tmp_path / "prob" / "s_lesion.nii.gz").stat().st_mtime_ns == before
+
+
+def printed(*args, **kwargs) -> str:
+    """What infer.infer printed."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        infer.infer(*args, device="cpu", progress=False, **kwargs)
+    return buf.getvalue()
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_missing_checkpoint_is_one_clear_line(ct, tmp_path):
     src = save_slice(ct, tmp_path / "slice.png", "L", (64, 64))

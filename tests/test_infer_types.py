@@ -153,6 +153,11 @@ def test_a_binary_checkpoint_is_unchanged(slices, tmp_path):
     np.testing.assert_array_equal(mask == 255, expected_types(arrays["a"]) > 0)
     assert read(tmp_path / "prob" / "a.png")[0] == "L" and not [p for p in (tmp_path / "prob").iterdir() if p.is_dir()]
     assert "lesion" not in json.loads((tmp_path / "out" / "infer_manifest.json").read_text())["settings"]
+    for src, out, probs in ((folder, tmp_path / "out", tmp_path / "out"), (folder / "a.png", tmp_path / "m" / "a.png",
+                                                                           tmp_path / "m")):
+        with pytest.raises(InputError, match="--save-probs"):  # maps named like the masks would replace them
+            run(ckpt, src, out, save_probs=probs)
+    assert read(tmp_path / "out" / "a.png")[1].tolist() == mask.tolist() and not (tmp_path / "m").exists()
 
 
 def test_a_bad_lesion_mode_is_refused(slices, tmp_path):
@@ -176,7 +181,7 @@ def test_volumes_get_a_type_label_map_and_per_type_ml_and_percent(tmp_path):
     for case, shift in (("p1", 0), ("p2", 2)):
         nib.save(nib.Nifti1Image(hu_volume(shift=shift), AFFINE), src / f"{case}.nii.gz")
     ckpt = make_checkpoint(tmp_path / "t.pth", "lung+lesion-types")
-    run(ckpt, src, tmp_path / "out")
+    run(ckpt, src, tmp_path / "out", save_probs=tmp_path / "prob")
     for case, shift in (("p1", 0), ("p2", 2)):
         img = nib.load(tmp_path / "out" / f"{case}_lesion.nii.gz")
         lesion = np.asarray(img.dataobj)
@@ -199,6 +204,10 @@ def test_volumes_get_a_type_label_map_and_per_type_ml_and_percent(tmp_path):
             assert abs(parts / report["lung_ml"] - share) < 1e-9
         assert abs(report["lesion_ml"] - (lesion > 0).sum() * voxel_ml) < 1e-9  # the union as before
         assert not list((tmp_path / "out").glob(f"{case}_{structure_slug(GGO)}*"))  # no per-type NIfTI
+        for name, value in TYPES.items():  # but a probability map per type: PROB/<type>/<case>_lesion.nii.gz
+            prob = nib.load(tmp_path / "prob" / structure_slug(name) / f"{case}_lesion.nii.gz")
+            assert prob.get_data_dtype() == np.uint8 and np.allclose(prob.affine, AFFINE)  # shown as 0..1
+            assert prob.get_fdata()[lesion == value].min() > 0.9 and prob.get_fdata()[lesion != value].max() < 0.1
     columns = (tmp_path / "out" / "report.csv").read_text().splitlines()[0].split(",")
     assert {f"{structure_slug(n)}_{k}" for n in TYPES for k in ("ml", "percent", "percent_left")} <= set(columns)
     assert "lesion_labels" not in columns
@@ -206,9 +215,12 @@ def test_volumes_get_a_type_label_map_and_per_type_ml_and_percent(tmp_path):
 
 def test_a_volume_with_lesion_any_gets_a_binary_lesion_mask(tmp_path):
     nib.save(nib.Nifti1Image(hu_volume(), AFFINE), tmp_path / "p.nii.gz")
-    run(make_checkpoint(tmp_path / "t.pth", "lesion-types"), tmp_path / "p.nii.gz", tmp_path / "out", lesion="any")
+    run(make_checkpoint(tmp_path / "t.pth", "lesion-types"), tmp_path / "p.nii.gz", tmp_path / "out", lesion="any",
+        save_probs=tmp_path / "prob")
     lesion = np.asarray(nib.load(tmp_path / "out" / "p_lesion.nii.gz").dataobj)
     assert set(np.unique(lesion)) == {0, 1}
+    assert [p.name for p in (tmp_path / "prob").iterdir()] == ["p_lesion.nii.gz"]  # the union's map only
+    np.testing.assert_array_equal(nib.load(tmp_path / "prob" / "p_lesion.nii.gz").get_fdata() > 0.5, lesion == 1)
     report = json.loads((tmp_path / "out" / "p_report.json").read_text())
     assert f"{structure_slug(GGO)}_ml" not in report and "lesion_labels" not in report
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["p_lesion.nii.gz", "p_lung.nii.gz"]
