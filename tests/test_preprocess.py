@@ -1,10 +1,11 @@
 """data.transforms (slice functions) and data.preprocess (volumes -> slice arrays + meta.json)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -465,19 +466,26 @@ def _bad_cases(root):
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """Every bad input through the real command line, ``python -m data.preprocess`` in a subprocess.
-
-    Each run pays ~2 s of imports (torch), so they run side by side, as many at once as there are cores.
-    """
+    """Every bad input through the command line: the first as ``python -m data.preprocess`` in a subprocess,
+    the others through utils.cli.run_cli in this process, as that command calls it (a new interpreter costs
+    3-5 s of imports on a 2-core CPU, for the same code path). {name: (src, needles, result)}; result has
+    ``returncode`` and ``stderr``."""
     root = tmp_path_factory.mktemp("cli")
     cases = _bad_cases(root)
-
-    def cli(src):
-        return run_module("data.preprocess", "--src", src, "--out", src.parent / "out", "--size", "32",
-                          "--workers", "1")
-
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = dict(zip(cases, pool.map(cli, [src for src, _ in cases.values()])))
+    results = {}
+    for i, (name, (src, _)) in enumerate(cases.items()):
+        argv = ["--src", src, "--out", src.parent / "out", "--size", "32", "--workers", "1"]
+        if i == 0:
+            results[name] = run_module("data.preprocess", *argv)
+            continue
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                run_cli(preprocess_main, get_args_parser(), [str(a) for a in argv])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        results[name] = SimpleNamespace(returncode=code, stderr=err.getvalue())
     return {name: (src, needles, results[name]) for name, (src, needles) in cases.items()}
 
 
