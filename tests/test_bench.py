@@ -3,6 +3,7 @@ finite rates, a utilisation between 0 and 1, and the FLOPs of a U-Net training s
 
 No timing is asserted (a shared machine makes every rate noisy); the FLOP count is exact.
 """
+import csv
 import json
 import math
 import os
@@ -121,10 +122,13 @@ def test_score_folds_gives_the_cross_validations_figures_of_a_fold(processed, tm
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for fold in (0, 2):
-        row = bench.score_fold(tmp_path / "cv" / f"fold{fold}" / "last.pth", device="cpu")
+        row = bench.score_fold(tmp_path / "cv" / f"fold{fold}" / "last.pth", device="cpu", out=tmp_path / f"s{fold}")
         assert row["fold"] == fold and row["n"] == cv["last_epoch"]["n"][fold]
         for key in ("dice", "dice_threshold_averaged"):
             assert row[key] == pytest.approx(cv["last_epoch"][key][fold], abs=1e-9)
+        with open(tmp_path / f"s{fold}" / "per_image.csv") as f:  # --out: each slice's scores, kept
+            dice = [float(r["dice"]) for r in csv.DictReader(f) if r["structure"] == "lesion"]
+        assert len(dice) == row["n"] and sum(dice) / len(dice) == pytest.approx(row["dice"], abs=1e-6)
 
 
 def test_ctrl_c_bench_stops_a_real_training_run_with_one_line(processed):
