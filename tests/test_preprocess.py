@@ -478,14 +478,8 @@ def cli_runs(tmp_path_factory):
         if i == 0:
             results[name] = run_module("data.preprocess", *argv)
             continue
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            try:
-                run_cli(preprocess_main, get_args_parser(), [str(a) for a in argv])
-                code = 0
-            except SystemExit as e:
-                code = e.code
-        results[name] = SimpleNamespace(returncode=code, stderr=err.getvalue())
+        code, _, err = _run_cli_in_process(*argv)
+        results[name] = SimpleNamespace(returncode=code, stderr=err)
     return {name: (src, needles, results[name]) for name, (src, needles) in cases.items()}
 
 
@@ -517,18 +511,20 @@ def test_cli_bad_input_leaves_no_output(cli_runs, name):
     assert leftovers == [], leftovers
 
 
-def _run_cli_in_process(capsys, *argv):
-    """utils.cli.run_cli as ``python -m data.preprocess`` calls it, without paying for a new interpreter."""
-    try:
-        run_cli(preprocess_main, get_args_parser(), [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def _run_cli_in_process(*argv):
+    """utils.cli.run_cli as ``python -m data.preprocess`` calls it, without paying for a new interpreter:
+    (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(preprocess_main, get_args_parser(), [str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
-def test_cli_failure_leaves_existing_output_intact(tmp_path, capsys):
+def test_cli_failure_leaves_existing_output_intact(tmp_path):
     good = tmp_path / "good"
     for sub, key in (("images", "image"), ("lesion_masks", "lesion")):
         save_nifti(good / sub / "g.nii.gz", tiny_case(1)[key])
@@ -536,24 +532,24 @@ def test_cli_failure_leaves_existing_output_intact(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     # a failure half-way through: the second volume (after "a_good") has a NaN voxel
     bad = _bad_cases(tmp_path / "bad")["NaN"][0]
-    code, _, err = _run_cli_in_process(capsys, "--src", bad, "--out", tmp_path / "out", "--size", "32",
+    code, _, err = _run_cli_in_process("--src", bad, "--out", tmp_path / "out", "--size", "32",
                                        "--workers", "1")
     assert code == 1 and "has_nan.nii.gz" in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "good", "out"]
 
 
-def test_cli_degenerate_window(tmp_path, capsys, make_volume_dir):
+def test_cli_degenerate_window(tmp_path, make_volume_dir):
     make_volume_dir(tmp_path / "src", n_cases=1)
-    code, _, err = _run_cli_in_process(capsys, "--src", tmp_path / "src", "--out", tmp_path / "out",
+    code, _, err = _run_cli_in_process("--src", tmp_path / "src", "--out", tmp_path / "out",
                                        "--window", "400", "-1000")
     _assert_one_clear_line(code, err, ["window", "400"])
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_good_run_passes_options_through(tmp_path, capsys, make_volume_dir):
+def test_cli_good_run_passes_options_through(tmp_path, make_volume_dir):
     make_volume_dir(tmp_path / "src", n_cases=1, seed=1)
-    code, out, err = _run_cli_in_process(capsys, "--src", tmp_path / "src", "--out", tmp_path / "out",
+    code, out, err = _run_cli_in_process("--src", tmp_path / "src", "--out", tmp_path / "out",
                                          "--size", "32", "--workers", "1", "--window", "-500", "500",
                                          "--lesion-labels", "1")
     assert code == 0, err
