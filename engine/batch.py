@@ -299,7 +299,7 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
     volume, images, probs = predictor.volume_probs(volume)
     masks = volume_masks(probs, predictor.task, threshold, types=bool(types))
     main = main_structure(predictor.task)
-    maps = dict(zip(prob_paths(save_probs, f"{case}_{main}.nii.gz", types), [probs[t] for t in types] or [probs[main]]))
+    maps = dict(zip(prob_paths(save_probs, f"{case}_{main}.nii.gz", types), saved_maps(probs, predictor.task, types)))
     # the masks of the mask kinds only: a types checkpoint asked for the union has per-type masks too
     masks = {name: masks[name] for name in task_masks(predictor.task)}
     source = lung_source(predictor.task, lungs)
@@ -452,17 +452,21 @@ def prob_paths(save_probs: str | Path | None, name: str, types: dict[str, int]) 
     return [Path(save_probs) / structure_slug(t) / name for t in types]
 
 
+def saved_maps(probs: dict, task: str, types: dict[str, int]) -> list:
+    """The probability maps --save-probs writes, in :func:`prob_paths`' order: the main structure's, or with
+    ``types`` one per lesion type."""
+    return [probs[name] for name in types] or [probs[main_structure(task)]]
+
+
 def _write_image_outputs(image: np.ndarray, probs: dict, task: str, threshold: float, mask_path: Path,
                          overlay_path: Path, probs_to: list[Path], types: dict[str, int]) -> None:
     """One image's mask (binary 0/255, or with ``types`` a palette PNG of type labels), overlay and
     probability maps (:func:`prob_paths`)."""
     shown = image / max(float(image.max()), 1e-6)
     if not types:
-        main = main_structure(task)
-        mask = (probs[main] > threshold).astype(np.uint8)
+        mask = (probs[main_structure(task)] > threshold).astype(np.uint8)
         save_marked_png(mask_to_png(mask), mask_path)
         save_marked_png(overlay(shown, mask), overlay_path)
-        maps = [probs[main]]
     else:
         labels = type_label_map(probs, task, threshold)
         colours = type_colours(types)
@@ -471,8 +475,7 @@ def _write_image_outputs(image: np.ndarray, probs: dict, task: str, threshold: f
         for value, colour in zip(sorted(types.values()), colours):
             shown = overlay(shown, labels == value, colour)
         save_marked_png(shown, overlay_path)
-        maps = [probs[name] for name in types]
-    for prob, prob_path in zip(maps, probs_to):  # 8-bit probability maps, 0..255, named like the mask
+    for prob, prob_path in zip(saved_maps(probs, task, types), probs_to):  # 8-bit probability maps, 0..255, named like the mask
         save_marked_png(np.round(prob * 255).astype(np.uint8), prob_path)
 
 
