@@ -4,6 +4,7 @@ finite rates, a utilisation between 0 and 1, and the FLOPs of a U-Net training s
 No timing is asserted (a shared machine makes every rate noisy); the FLOP count is exact.
 """
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +23,14 @@ from tests.script_fixtures import export_pairs, processed, run_train, sigint_def
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, SIZE, BATCH = 4, 32, 2  # a tiny U-Net, so the run takes seconds
 RATES = ("train_slices_per_s", "baseline_train_slices_per_s", "infer_slices_per_s", "loader_slices_per_s")
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def unet_train_flops_per_slice(width: int, size: int, out_channels: int) -> float:
@@ -89,16 +98,12 @@ def test_dicom_speed_times_infer_and_each_stage_on_a_series_that_reads_back_as_i
     assert {f"{case}_{n}" for n in ("lesion.nii.gz", "lung.nii.gz", "report.json", "montage.png",
                                     "report.html")} <= written
     # the series: one int16 file per slice with a rescale intercept, read back as the phantom's HU
-    import importlib.util
-
     import pydicom
 
     from data.readers import read_case
     from data.transforms import to_axial_slices
 
-    spec = importlib.util.spec_from_file_location("dicom_speed", ROOT / "bench" / "dicom_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("dicom_speed")
     files = sorted((tmp_path / case).iterdir())
     assert len(files) == slices
     ds = pydicom.dcmread(files[0])
@@ -110,17 +115,13 @@ def test_dicom_speed_times_infer_and_each_stage_on_a_series_that_reads_back_as_i
 def test_score_folds_gives_the_cross_validations_figures_of_a_fold(processed, tmp_path):
     """bench/score_folds.py rebuilds a fold's validation pairs from the checkpoint alone and scores them as
     the cross-validation did: the same per-image Dice and threshold-averaged Dice as cv.json's fold."""
-    import importlib.util
-
     data = tmp_path / "pairs"
     export_pairs(processed, None, data, "Imgs", "GT", n=12)
     run_train(train_argv(data, tmp_path / "cv", "--folds", "3", "--tta"))
     cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
     averaged = cv["last_epoch"]["dice_threshold_averaged"]
     assert averaged[0] != averaged[2]  # so scoring another fold's pairs would show
-    spec = importlib.util.spec_from_file_location("score_folds", ROOT / "bench" / "score_folds.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("score_folds")
     for fold in (0, 2):
         row = bench.score_fold(tmp_path / "cv" / f"fold{fold}" / "last.pth", device="cpu", out=tmp_path / f"s{fold}")
         assert row["fold"] == fold and row["n"] == cv["last_epoch"]["n"][fold]
@@ -129,6 +130,30 @@ def test_score_folds_gives_the_cross_validations_figures_of_a_fold(processed, tm
         with open(tmp_path / f"s{fold}" / "per_image.csv") as f:  # --out: each slice's scores, kept
             dice = [float(r["dice"]) for r in csv.DictReader(f) if r["structure"] == "lesion"]
         assert len(dice) == row["n"] and sum(dice) / len(dice) == pytest.approx(row["dice"], abs=1e-6)
+
+
+def test_volume_speed_times_every_repeat_into_a_fresh_folder_and_lists_the_probability_map(monkeypatch):
+    """Each --repeat predicts the scan anew (into a folder of its own: a second run into the same folder
+    would skip the case as done and time nothing), and --save-probs' map is listed with its size."""
+    bench = load_bench("volume_speed")
+    runs = []
+
+    def infer_volumes(predictor, sources, out, *args, save_probs=None, **kwargs):
+        bench_infer(predictor, sources, out, *args, save_probs=save_probs, **kwargs)
+        runs.append((out, sorted(p.name for p in out.iterdir()), sorted(p.name for p in save_probs.iterdir())))
+
+    bench_infer = bench.infer_volumes
+    monkeypatch.setattr(bench, "infer_volumes", infer_volumes)
+    res = bench.main(bench.get_args_parser().parse_args(["--slices", "3", "--task", "lesion", "--repeat", "2",
+                                                         "--save-probs"]))
+    assert len(runs) == 2 and runs[0][0] != runs[1][0]
+    assert runs[0][1:] == runs[1][1:]  # the second repeat wrote everything the first did
+    assert {"scan_lesion.nii.gz", "scan_lung.nii.gz", "scan_report.json"} <= set(runs[1][1])
+    assert runs[1][2] == ["scan_lesion.nii.gz"]
+    assert set(res["outputs"]) == set(runs[1][1]) | {"probs1/scan_lesion.nii.gz"}
+    assert all(size > 0 for size in res["bytes"].values()) and set(res["bytes"]) == set(res["outputs"])
+    assert len(res["seconds_all"]) == 2 and res["seconds"] == min(res["seconds_all"]) > 0
+    assert res["volume_shape"] == [512, 512, 3]
 
 
 def test_ctrl_c_bench_stops_a_real_training_run_with_one_line(processed):
