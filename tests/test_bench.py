@@ -136,13 +136,12 @@ def test_volume_speed_times_every_repeat_into_a_fresh_folder_and_lists_the_proba
     """Each --repeat predicts the scan anew (into a folder of its own: a second run into the same folder
     would skip the case as done and time nothing), and --save-probs' map is listed with its size."""
     bench = load_bench("volume_speed")
-    runs = []
+    bench_infer, runs = bench.infer_volumes, []
 
-    def infer_volumes(predictor, sources, out, *args, save_probs=None, **kwargs):
+    def infer_volumes(predictor, sources, out, *args, save_probs=None, **kwargs):  # records what each repeat wrote
         bench_infer(predictor, sources, out, *args, save_probs=save_probs, **kwargs)
         runs.append((out, sorted(p.name for p in out.iterdir()), sorted(p.name for p in save_probs.iterdir())))
 
-    bench_infer = bench.infer_volumes
     monkeypatch.setattr(bench, "infer_volumes", infer_volumes)
     res = bench.main(bench.get_args_parser().parse_args(["--slices", "3", "--task", "lesion", "--repeat", "2",
                                                          "--save-probs"]))
