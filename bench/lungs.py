@@ -3,7 +3,9 @@
     python bench/lungs.py [--seeds 8] [--json]
 
 Phantoms: data.synthetic patients at 256x256x32 (seeds 0..N-1, patient 0 each): Dice of each lung and of
-both, over the volume and the worst slice, with the phantom's lesions given as the predicted lesions.
+both, over the volume and the worst slice, with the phantom's lesions given as the predicted lesions; and
+the share of the airway's lumen (data.synthetic.airway_lumen) counted as lung, above the carina (where the
+lumen is one piece: the trachea) and in all.
 Real CT: ../shared/data/real-ct/chest_ct_crop.nii.gz (no masks: volumes only). Speed: a 512x512x300
 phantom (a 512x512x30 one repeated along z).
 """
@@ -16,11 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.readers import read_case  # noqa: E402
-from data.synthetic import generate_patient  # noqa: E402
+from data.synthetic import airway_lumen, generate_patient  # noqa: E402
 from data.transforms import to_axial_slices  # noqa: E402
 from utils.lungs import extract_lungs  # noqa: E402
 
@@ -37,9 +40,13 @@ def phantom_scores(seed: int) -> dict:
     hu, truth, lesion = (to_axial_slices(p[k], p["affine"]) for k in ("image", "lung", "lesion"))
     got = extract_lungs(np.ascontiguousarray(hu, dtype=np.float32), p["spacing"], lesion > 0)
     per_slice = [dice(got[z] > 0, truth[z] > 0) for z in range(len(truth)) if truth[z].any()]
+    lumen = airway_lumen(hu, truth)
+    trachea = [z for z in range(len(lumen)) if ndimage.label(lumen[z])[1] == 1]
     return {"seed": seed, "dice": dice(got > 0, truth > 0), "dice_left": dice(got == 1, truth == 1),
             "dice_right": dice(got == 2, truth == 2), "worst_slice": min(per_slice),
-            "lesion_inside": float(((got > 0) & (lesion > 0)).sum() / (lesion > 0).sum()) if lesion.any() else None}
+            "lesion_inside": float(((got > 0) & (lesion > 0)).sum() / (lesion > 0).sum()) if lesion.any() else None,
+            "trachea_as_lung": float((got[trachea] > 0)[lumen[trachea]].mean()),
+            "airway_as_lung": float((got > 0)[lumen].mean())}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -48,7 +55,8 @@ def main(args: argparse.Namespace) -> dict:
         print(f"phantom seed {r['seed']}: Dice {r['dice']:.3f} (left {r['dice_left']:.3f}, right "
               f"{r['dice_right']:.3f}), worst slice {r['worst_slice']:.3f}, "
               + (f"lesion voxels inside the lungs {r['lesion_inside']:.2f}" if r["lesion_inside"] is not None
-                 else "no lesion"))
+                 else "no lesion") + f"; airway lumen counted as lung: above the carina "
+              f"{r['trachea_as_lung']:.2f}, in all {r['airway_as_lung']:.2f}")
     if REAL_CT.is_file():
         vol = read_case(REAL_CT)
         t0 = time.perf_counter()

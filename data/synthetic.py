@@ -267,6 +267,18 @@ def generate_patient(rng: np.random.Generator, shape: tuple | None = None) -> di
             "spacing": (float(sx), float(sx), float(sz))}
 
 
+def airway_lumen(hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """A phantom's trachea and main bronchi, for measuring lungs from HU: (Z, H, W) slices of its image and
+    lung mask in, the air inside its body (drawn at -990 HU) that is not lung, one pixel inside the lumen's
+    edge and at least three pixels from the lungs, out."""
+    from scipy import ndimage  # only the measurements need it, not the phantoms
+
+    body = np.stack([ndimage.binary_fill_holes(s) for s in hu > -500]) if len(hu) else hu > -500
+    lumen = body & (hu < -600) & (lung == 0)
+    return ndimage.binary_erosion(lumen, np.ones((1, 3, 3), bool)) & ~ndimage.binary_dilation(
+        lung > 0, np.ones((1, 5, 5), bool))
+
+
 def _sampling(u, shape: tuple) -> SimpleNamespace:
     """Patient size and voxel sampling (adult millimetres; the affine scales them, see module doc): the
     coordinate grid every later step paints on, and the organ scale k."""

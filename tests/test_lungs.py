@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data.synthetic import generate_patient
+from data.synthetic import airway_lumen, generate_patient
 from data.transforms import to_axial_slices
-from utils.lungs import LEFT, RIGHT, extract_lungs, fill_holes_2d
+from utils.lungs import LEFT, RIGHT, extract_lungs
 from utils.volumes import dice_3d
 
 # Measured on phantoms 0-5 at 256x256x32 (AMD EPYC): whole-volume lung Dice 0.989-0.993, per slice at
@@ -58,20 +58,39 @@ def test_without_the_lesion_mask_consolidation_is_left_out():
     assert ((extract_lungs(hu) > 0) & cons).sum() < ((extract_lungs(hu, lesion=lesion) > 0) & cons).sum()
 
 
-@pytest.mark.xfail(reason="known limitation: the airway tracking misses the trachea where it touches a lung "
-                          "(phantom 0 at 24 slices, phantom 2 at 32); to be made robust", strict=False)
-@pytest.mark.parametrize("seed", [0, 1])
+def trachea_slices(lumen: np.ndarray) -> list[int]:
+    """The slices above the carina: the airway lumen is one piece there."""
+    return [z for z in range(len(lumen)) if ndimage.label(lumen[z])[1] == 1]
+
+
+# Phantoms 0, 6 and 7 defeated the airway tracking before session 22 (the trachea was all lung): on 6 and 7
+# the trachea touches a lung at the air threshold, on 0 a piece of lung was taken for the trachea.
+@pytest.mark.parametrize("seed", [0, 1, 6, 7])
 def test_trachea_above_the_carina_is_not_lung(seed):
     hu, lung, lesion = phantom(seed)
-    pred = extract_lungs(hu, lesion=lesion)
-    # the airway lumen: air inside the body, away from the phantom's lungs
-    lumen = fill_holes_2d(hu > -500) & (hu < -600) & (lung == 0)
-    lumen = ndimage.binary_erosion(lumen, np.ones((1, 3, 3), bool)) & ~ndimage.binary_dilation(
-        lung > 0, np.ones((1, 5, 5), bool))
-    top = len(hu) - 1  # the highest slice: above the carina in these phantoms
-    assert lumen[top].sum() > 10
-    assert not (pred[top] & lumen[top]).any()
-    assert (pred.astype(bool) & lumen).sum() < 0.5 * lumen.sum()
+    pred = extract_lungs(hu, lesion=lesion) > 0
+    lumen = airway_lumen(hu, lung)
+    trachea = trachea_slices(lumen)
+    assert len(trachea) >= 4 and trachea[-1] == len(hu) - 1
+    assert not (pred[trachea] & lumen[trachea]).any()
+    # below the carina the main bronchi enter the lungs; measured 0.05-0.19 of the lumen counted as lung
+    assert (pred & lumen).sum() < 0.3 * lumen.sum()
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_a_trachea_opening_into_the_right_lung_is_still_not_lung(seed):
+    """A channel of lung-like HU (-700, three pixels wide) from the trachea to the right lung on every slice
+    above the carina: no wall at all between them, so they are one air region at the air threshold."""
+    hu, lung, lesion = phantom(seed)
+    lumen = airway_lumen(hu, lung)
+    trachea = trachea_slices(lumen)
+    hu = hu.copy()
+    for z in trachea:
+        r, c = np.argwhere(lumen[z]).mean(axis=0).round().astype(int)
+        hu[z, r - 1:r + 2, np.flatnonzero(lung[z, r] == RIGHT).max():c] = -700.0
+    pred = extract_lungs(hu, lesion=lesion) > 0
+    # only the channel's mouth is lung: measured 0.06-0.09 of the lumen
+    assert (pred[trachea] & lumen[trachea]).sum() < 0.15 * lumen[trachea].sum()
 
 
 @pytest.mark.parametrize("value", [-1000.0, 40.0])

@@ -8,9 +8,11 @@ Method (scipy.ndimage only, on (Z, H, W) slices in display orientation, see data
    slice's border, slice by slice) is outside air. Removing the border-connected air per slice, not in 3D,
    keeps lungs whose airway reaches the mouth in a scan that includes the head. The table is a separate
    component, so the air inside it is outside the body too.
-3. The airway (trachea and main bronchi) is tracked slice by slice from the top: a small air component
-   near the body's midline, followed downwards while its pieces stay small, until it merges into a lung.
-   Intrapulmonary bronchi, inside a lung's outline, stay lung (as expert masks keep them).
+3. The airway (trachea and main bronchi): the trachea is the longest vertical tube of small, very dark
+   (below AIRWAY_HU) air pieces near the body's midline in the upper chest; at that threshold it stands
+   apart from a lung that touches it at AIR_HU. Its main bronchi are followed downwards while their pieces
+   stay small, until they merge into a lung. Intrapulmonary bronchi, inside a lung's outline, stay lung (as
+   expert masks keep them); so does the airway's wall.
 4. The remaining air components of at least MIN_LUNG_SHARE of the largest are lung. Two of them are the
    two lungs; one that straddles the body's midline is two lungs touching, split at the fewest-voxel
    column (utils.volumes.split_lungs).
@@ -31,6 +33,7 @@ from utils.volumes import split_lungs
 AIR_HU = -320.0  # lung parenchyma (-900..-500) and air below, soft tissue (> -100) above, with a margin
 WORK_SIZE = 256  # in-plane size the labelling runs at: larger scans are block-averaged to about this
 MIN_LUNG_SHARE = 0.1  # an air component smaller than this share of the largest is not a lung
+AIRWAY_HU = -950.0  # the airway's lumen is air (-1000); lung parenchyma is rarely this dark (1-4% below -900)
 AIRWAY_WIDTH = 0.12  # the trachea is narrower than this share of the body's width (about 2 of 30 cm)
 AIRWAY_MIN_WIDTH = 0.025  # ...and wider than this share (air bubbles in the oesophagus are smaller)
 AIRWAY_TOP = 0.4  # the trachea is looked for in this upper share of the slices with air
@@ -125,48 +128,83 @@ def _outside_air(air: np.ndarray, body: np.ndarray) -> np.ndarray:
     return outside | (~body & ~cropped[:, None, None])
 
 
-def _airway(candidates: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """The trachea and main bronchi, tracked slice by slice from where they are first seen alone.
+def _airway(candidates: np.ndarray, lumen: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """The trachea and main bronchi: a vertical tube of dark air near the midline, followed to the lungs.
 
-    A piece (4-connected, so that a trachea touching a lung apex at a corner stays apart) is small when its
-    area is under (AIRWAY_WIDTH x body width)^2; a seed is also wider than AIRWAY_MIN_WIDTH. The track starts at the widest small piece near the body's
-    midline that does not touch the slice's border. Downwards it follows the small pieces
-    that overlap the slice above and stops where the airway merges into a lung (a piece becomes large).
-    Upwards, where the trachea may touch a lung apex, it keeps the air within one pixel of the seed's outline.
+    A piece (4-connected within a slice) is small when its area is under (AIRWAY_WIDTH x body width)^2 and
+    it does not touch the slice's border. The trachea is found in ``lumen``, the air darker than AIRWAY_HU,
+    where it stands apart from a lung that touches it at AIR_HU (the right paratracheal wall is a few
+    millimetres thick): small lumen pieces that overlap from slice to slice form tubes, and the trachea is
+    the one that spans the most slices (then the largest), reaches the upper AIRWAY_TOP of the slices with
+    air, runs within AIRWAY_OFF_MIDLINE of the midline and is wider than AIRWAY_MIN_WIDTH on average (air
+    bubbles in the oesophagus are smaller). The airway is then the air piece around it where that piece is
+    small, or its partial-volume rim (two pixels) where the piece is a lung. Downwards it follows the small
+    air pieces that overlap the slice above (the main bronchi, paler than AIRWAY_HU in thick slices) until
+    they merge into a lung; upwards, where the trachea may touch a lung apex, the air within one pixel of
+    its top outline.
     """
     airway = np.zeros_like(candidates)
     cols = np.flatnonzero(body.any(axis=(0, 1)))
-    if len(cols) == 0:
+    if len(cols) == 0 or not candidates.any():
         return airway
     width = cols[-1] - cols[0] + 1
-    centre, max_area = (cols[0] + cols[-1]) / 2, (AIRWAY_WIDTH * width) ** 2
-    labels, n = ndimage.label(candidates, structure=_CROSS_2D)
-    if n == 0:
-        return airway
-    areas = np.bincount(labels.ravel())
-    centres = np.asarray(ndimage.center_of_mass(candidates, labels, range(1, n + 1)))[:, 2]
-    seeds = np.flatnonzero((areas[1:] < max_area) & (areas[1:] >= (AIRWAY_MIN_WIDTH * width) ** 2) & (np.abs(centres - centre) < AIRWAY_OFF_MIDLINE * width)) + 1
-    seeds = np.setdiff1d(seeds, _touching_border(labels))
+    max_area = (AIRWAY_WIDTH * width) ** 2
     z_air = np.flatnonzero(candidates.any(axis=(1, 2)))
     low = z_air[0] + (1 - AIRWAY_TOP) * (z_air[-1] - z_air[0])  # the trachea is in the upper chest
-    first = [box[0].start for box in ndimage.find_objects(labels)]  # one pass over the volume for all pieces
-    seeds = [i for i in seeds if first[i - 1] >= low]
-    if len(seeds) == 0:
+    trachea = _trachea(lumen & candidates, (cols[0] + cols[-1]) / 2, width, max_area, low)
+    if trachea is None:
         return airway
-    seed = max(seeds, key=lambda i: areas[i])  # the trachea is the widest small air piece near the midline
-    top = int(first[seed - 1])
-    airway[top] = labels[top] == seed
-    for z in range(top - 1, -1, -1):  # down to the carina and the main bronchi
-        above = np.setdiff1d(np.unique(labels[z][airway[z + 1]]), [0])
-        if len(above) == 0 or (areas[above] >= max_area).any():
+    pieces, n = ndimage.label(candidates, structure=_CROSS_2D)
+    small = np.bincount(pieces.ravel()) < max_area
+    small[0] = False
+    around = np.zeros(n + 1, bool)
+    around[np.unique(pieces[trachea])] = True
+    airway = (around & small)[pieces]
+    zs = np.flatnonzero(trachea.any(axis=(1, 2)))
+    rim = slice(zs[0], zs[-1] + 1)  # the lumen's partial-volume rim: two pixels around it, on its slices
+    airway[rim] |= candidates[rim] & ndimage.binary_dilation(trachea[rim], _SLICE_2D, iterations=2)
+    for z in range(zs[0] - 1, -1, -1):  # down the main bronchi, until they merge into the lungs
+        above = np.unique(pieces[z][airway[z + 1]])
+        follow = np.zeros(n + 1, bool)
+        follow[above[small[above]]] = True
+        airway[z] = follow[pieces[z]]
+        if not airway[z].any():
             break
-        airway[z] = np.isin(labels[z], above)
-    footprint = ndimage.binary_dilation(airway[top], _CROSS_2D[1])
-    for z in range(top + 1, len(candidates)):  # up, where it may touch the lung apices: within its footprint
+    footprint = ndimage.binary_dilation(airway[zs[-1]], _CROSS_2D[1])
+    for z in range(zs[-1] + 1, len(candidates)):  # up, where it may touch the lung apices: within its footprint
         airway[z] = candidates[z] & footprint
         if not airway[z].any():
             break
     return airway
+
+
+def _trachea(lumen: np.ndarray, centre: float, width: int, max_area: float, low: float) -> np.ndarray | None:
+    """The trachea's lumen (method: _airway): a tube that reaches slice ``low``; None when none qualifies."""
+    labels, _ = ndimage.label(lumen, structure=_CROSS_2D)
+    small = np.bincount(labels.ravel()) < max_area
+    small[0] = False
+    small[_touching_border(labels)] = False
+    tubes, m = ndimage.label(small[labels], structure=ndimage.generate_binary_structure(3, 1))
+    if m == 0:
+        return None
+    boxes = ndimage.find_objects(tubes)
+    top = np.array([box[0].stop - 1 for box in boxes])
+    length = top + 1 - np.array([box[0].start for box in boxes])
+    where = np.nonzero(tubes)  # the tubes are sparse: their voxels' coordinates cost less than whole-volume passes
+    ids = tubes[where]
+    volume = np.bincount(ids, minlength=m + 1)[1:]
+    column = np.bincount(ids, weights=where[2], minlength=m + 1)[1:] / volume
+    ok = [i for i in np.flatnonzero((top >= low) & (np.abs(column - centre) < AIRWAY_OFF_MIDLINE * width))
+          if _grown_area(tubes, boxes[i], i + 1) >= length[i] * (AIRWAY_MIN_WIDTH * width) ** 2]
+    if not ok:
+        return None
+    return tubes == max(ok, key=lambda i: (length[i], volume[i])) + 1
+
+
+def _grown_area(labels: np.ndarray, box: tuple, i: int) -> int:
+    """Voxels of component i grown by a pixel in-plane (with the lumen's partial-volume rim)."""
+    box = (box[0],) + tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box[1:])
+    return int(ndimage.binary_dilation(labels[box] == i, _SLICE_2D).sum())
 
 
 def _split_left_right(lungs: np.ndarray, body: np.ndarray) -> np.ndarray:
@@ -255,7 +293,7 @@ def extract_lungs(hu: np.ndarray, spacing=None, lesion: np.ndarray | None = None
     air = small < AIR_HU
     body = _body(air)
     candidates = air & ~_outside_air(air, body)
-    airway = _airway(candidates, body)
+    airway = _airway(candidates, small < AIRWAY_HU, body)
     labels = _split_left_right(candidates & ~airway, body)
     if lesion is not None:
         lesion = np.asarray(lesion) > 0
