@@ -333,6 +333,7 @@ def infer_one_volume(predictor: Predictor, vol: Path, case: str, out: Path, thre
     write_report_html(volume.image, masks, report, out / f"{case}_report.html")
     pct = report["infection_percent"]
     print(f"{case}: lesion {report['lesion_ml'] or 0:.1f} mL"
+          + (f" ({report['lesion_ml_outside_lungs']:.1f} outside the lungs)" if pct is not None else "")
           + (f", lung {report['lung_ml']:.1f} mL, infection {pct:.2f}% (left {report['infection_percent_left'] or 0:.2f}%, "
              f"right {report['infection_percent_right'] or 0:.2f}%)" if pct is not None else f"; {report.get('note', '')}"))
     for name in types:

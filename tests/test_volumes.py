@@ -48,6 +48,7 @@ def test_report_volumes_and_percentages_by_hand():
     assert r["infection_percent"] == pytest.approx(100 * 4 / 48, abs=1e-3)
     assert r["infection_percent_right"] == pytest.approx(100 * 3 / 24, abs=1e-3)
     assert r["infection_percent_left"] == pytest.approx(100 * 1 / 24, abs=1e-3)
+    assert r["lesion_ml_outside_lungs"] == pytest.approx(1 * 0.0005)
     assert r["slices_with_lesion"] == 2 and r["n_slices"] == 2
 
 
@@ -94,6 +95,7 @@ def test_binary_lungs_are_split_at_the_mediastinum():
 def test_report_without_a_lung_mask_gives_no_percentages():
     r = volume_report(np.ones((2, 4, 4)), None, 0.001)
     assert r["lesion_ml"] == pytest.approx(0.032) and r["infection_percent"] is None and r["lung_ml"] is None
+    assert r["lesion_ml_outside_lungs"] is None
 
 
 def test_dice_3d_rules():

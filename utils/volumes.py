@@ -163,8 +163,9 @@ def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: 
             lesion): adds :func:`type_report`'s figures.
     Returns:
         dict with voxel_ml, lesion_ml, lung_ml, lung_left_ml, lung_right_ml, infection_percent (lesion inside
-        the lungs / lung volume), infection_percent_left / _right, slices_with_lesion, n_slices; lung
-        figures are None without a lung mask. With both masks also the per-zone and high-opacity figures of
+        the lungs / lung volume), infection_percent_left / _right, lesion_ml_outside_lungs (the part of
+        lesion_ml that no percentage counts), slices_with_lesion, n_slices; lung figures are None without a
+        lung mask. With both masks also the per-zone and high-opacity figures of
         :func:`severity_report`.
     """
     voxel_ml = float(voxel_ml)
@@ -178,7 +179,7 @@ def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: 
                       lesion_ml=float(per_slice.sum()) * voxel_ml)
     if lung is None or lesion is None:
         report.update(lung_ml=None, lung_left_ml=None, lung_right_ml=None, infection_percent=None,
-                      infection_percent_left=None, infection_percent_right=None)
+                      infection_percent_left=None, infection_percent_right=None, lesion_ml_outside_lungs=None)
         if lung is not None:
             report["lung_ml"] = float(_count(np.asarray(lung) > 0)) * voxel_ml
         if types and labels is not None:
@@ -191,7 +192,8 @@ def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: 
     report.update(lung_ml=n["lung"] * voxel_ml, lung_left_ml=n["left"] * voxel_ml, lung_right_ml=n["right"] * voxel_ml,
                   infection_percent=_percent(hit["lung"], n["lung"]),
                   infection_percent_left=_percent(hit["left"], n["left"]),
-                  infection_percent_right=_percent(hit["right"], n["right"]))
+                  infection_percent_right=_percent(hit["right"], n["right"]),
+                  lesion_ml_outside_lungs=(_count(lesion) - hit["lung"]) * voxel_ml)
     report.update(severity_report(lesion, right, left, voxel_ml, hu))
     if types:
         report.update(type_report(labels, types, voxel_ml, (right, left)))
