@@ -65,7 +65,7 @@ def trachea_slices(lumen: np.ndarray) -> list[int]:
 
 # Phantoms 0, 6 and 7 defeated the airway tracking before session 22 (the trachea was all lung): on 6 and 7
 # the trachea touches a lung at the air threshold, on 0 a piece of lung was taken for the trachea.
-@pytest.mark.parametrize("seed", [0, 1, 6, 7])
+@pytest.mark.parametrize("seed", [0, 6, 7])
 def test_trachea_above_the_carina_is_not_lung(seed):
     hu, lung, lesion = phantom(seed)
     pred = extract_lungs(hu, lesion=lesion) > 0
@@ -73,15 +73,14 @@ def test_trachea_above_the_carina_is_not_lung(seed):
     trachea = trachea_slices(lumen)
     assert len(trachea) >= 4 and trachea[-1] == len(hu) - 1
     assert not (pred[trachea] & lumen[trachea]).any()
-    # below the carina the main bronchi enter the lungs; measured 0.05-0.19 of the lumen counted as lung
+    # below the carina the main bronchi enter the lungs; measured 0.06-0.19 of the lumen counted as lung
     assert (pred & lumen).sum() < 0.3 * lumen.sum()
 
 
-@pytest.mark.parametrize("seed", [1, 5])
-def test_a_trachea_opening_into_the_right_lung_is_still_not_lung(seed):
+def test_a_trachea_opening_into_the_right_lung_is_still_not_lung():
     """A channel of lung-like HU (-700, three pixels wide) from the trachea to the right lung on every slice
     above the carina: no wall at all between them, so they are one air region at the air threshold."""
-    hu, lung, lesion = phantom(seed)
+    hu, lung, lesion = phantom(5)
     lumen = airway_lumen(hu, lung)
     trachea = trachea_slices(lumen)
     hu = hu.copy()
@@ -89,7 +88,7 @@ def test_a_trachea_opening_into_the_right_lung_is_still_not_lung(seed):
         r, c = np.argwhere(lumen[z]).mean(axis=0).round().astype(int)
         hu[z, r - 1:r + 2, np.flatnonzero(lung[z, r] == RIGHT).max():c] = -700.0
     pred = extract_lungs(hu, lesion=lesion) > 0
-    # only the channel's mouth is lung: measured 0.06-0.09 of the lumen
+    # only the channel's mouth is lung: measured 0.06 of the lumen (0.02-0.09 on phantoms 0-7)
     assert (pred[trachea] & lumen[trachea]).sum() < 0.15 * lumen[trachea].sum()
 
 
