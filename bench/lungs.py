@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.readers import read_case  # noqa: E402
-from data.synthetic import airway_lumen, generate_patient  # noqa: E402
+from data.synthetic import airway_lumen, generate_patient, trachea_slices  # noqa: E402
 from data.transforms import to_axial_slices  # noqa: E402
 from utils.lungs import extract_lungs  # noqa: E402
 
@@ -41,7 +40,7 @@ def phantom_scores(seed: int) -> dict:
     got = extract_lungs(np.ascontiguousarray(hu, dtype=np.float32), p["spacing"], lesion > 0)
     per_slice = [dice(got[z] > 0, truth[z] > 0) for z in range(len(truth)) if truth[z].any()]
     lumen = airway_lumen(hu, truth)
-    trachea = [z for z in range(len(lumen)) if ndimage.label(lumen[z])[1] == 1]
+    trachea = trachea_slices(lumen)
     return {"seed": seed, "dice": dice(got > 0, truth > 0), "dice_left": dice(got == 1, truth == 1),
             "dice_right": dice(got == 2, truth == 2), "worst_slice": min(per_slice),
             "lesion_inside": float(((got > 0) & (lesion > 0)).sum() / (lesion > 0).sum()) if lesion.any() else None,

@@ -279,6 +279,13 @@ def airway_lumen(hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
         lung > 0, np.ones((1, 5, 5), bool))
 
 
+def trachea_slices(lumen: np.ndarray) -> list[int]:
+    """The slices above the carina of an :func:`airway_lumen`: those where it is one piece, the trachea."""
+    from scipy import ndimage
+
+    return [z for z in range(len(lumen)) if ndimage.label(lumen[z])[1] == 1]
+
+
 def _sampling(u, shape: tuple) -> SimpleNamespace:
     """Patient size and voxel sampling (adult millimetres; the affine scales them, see module doc): the
     coordinate grid every later step paints on, and the organ scale k."""

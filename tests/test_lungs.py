@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from data.synthetic import airway_lumen, generate_patient
+from data.synthetic import airway_lumen, generate_patient, trachea_slices
 from data.transforms import to_axial_slices
 from utils.lungs import LEFT, RIGHT, extract_lungs
 from utils.volumes import dice_3d
@@ -56,11 +55,6 @@ def test_without_the_lesion_mask_consolidation_is_left_out():
     cons = lesion == 2
     assert cons.sum() > 1000  # phantom 0 has consolidation
     assert ((extract_lungs(hu) > 0) & cons).sum() < ((extract_lungs(hu, lesion=lesion) > 0) & cons).sum()
-
-
-def trachea_slices(lumen: np.ndarray) -> list[int]:
-    """The slices above the carina: the airway lumen is one piece there."""
-    return [z for z in range(len(lumen)) if ndimage.label(lumen[z])[1] == 1]
 
 
 # Phantoms 0, 6 and 7 defeated the airway tracking before session 22 (the trachea was all lung): on 6 and 7

@@ -193,7 +193,7 @@ def volume_report(lesion: np.ndarray | None, lung: np.ndarray | None, voxel_ml: 
                   infection_percent=_percent(hit["lung"], n["lung"]),
                   infection_percent_left=_percent(hit["left"], n["left"]),
                   infection_percent_right=_percent(hit["right"], n["right"]),
-                  lesion_ml_outside_lungs=(_count(lesion) - hit["lung"]) * voxel_ml)
+                  lesion_ml_outside_lungs=(int(per_slice.sum()) - hit["lung"]) * voxel_ml)
     report.update(severity_report(lesion, right, left, voxel_ml, hu))
     if types:
         report.update(type_report(labels, types, voxel_ml, (right, left)))
